@@ -1,0 +1,189 @@
+"""Frozen configuration dataclasses, one per concern.
+
+Every dataclass is keyword-only, validated in ``__post_init__`` and round-trips through
+``dataclasses.asdict`` / ``from_dict``. ``from_dict`` rejects unknown keys by name so a typo in a
+config file or a Tune search space fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+MODELS = ("mlp", "cnn", "resnet18")
+OPTIMIZERS = ("adam", "sgd")
+EPOCH_SCHEDULES = ("sisa", "per_slice")
+
+
+def _check_int(owner: str, name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"The '{name}' parameter of {owner} must be an int >= {minimum}. Got {value!r} instead."
+        )
+
+
+def _check_float(owner: str, name: str, value: Any, minimum: float, strict: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = value > minimum if strict else value >= minimum
+    if not ok:
+        op = ">" if strict else ">="
+        raise ValueError(
+            f"The '{name}' parameter of {owner} must be a number {op} {minimum}. "
+            f"Got {value!r} instead."
+        )
+
+
+def _check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(
+            f"The '{name}' parameter of {owner} must be one of {list(choices)}. "
+            f"Got {value!r} instead."
+        )
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build the dataclass ``cls`` from a dict, rejecting unknown keys by name."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__}.from_dict expects a dict. Got {type(data).__name__}.")
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(
+            f"Unknown key(s) {unknown} for {cls.__name__}. Known keys: {sorted(names)}."
+        )
+    return cls(**data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardingConfig:
+    """How samples are split into shards and slices.
+
+    A sample's shard and slice are a keyed hash of ``(id, seed, n_shards, n_slices)``; they never
+    depend on row order or on which other samples exist (the exactness invariant, rule 1).
+    """
+
+    n_shards: int = 8
+    n_slices: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("ShardingConfig", "n_shards", self.n_shards, 1)
+        _check_int("ShardingConfig", "n_slices", self.n_slices, 1)
+        _check_int("ShardingConfig", "seed", self.seed, 0)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ShardingConfig:
+        return from_dict(cls, data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingConfig:
+    """How one shard model is trained.
+
+    ``epoch_schedule="sisa"`` spreads ``epochs`` over the slice steps as in Bourtoule et al. (2021):
+    step ``r`` (training on slices ``0..r``) runs about ``2E/(R+1)`` epochs, so a shard's total
+    cost equals training it unsliced for ``E`` epochs. ``"per_slice"`` runs ``E`` epochs at every step.
+    """
+
+    model: str = "mlp"
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    hidden: int = 128
+    epoch_schedule: str = "sisa"
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        _check_choice("TrainingConfig", "model", self.model, MODELS)
+        _check_int("TrainingConfig", "epochs", self.epochs, 1)
+        _check_int("TrainingConfig", "batch_size", self.batch_size, 1)
+        _check_float("TrainingConfig", "lr", self.lr, 0.0, strict=True)
+        _check_choice("TrainingConfig", "optimizer", self.optimizer, OPTIMIZERS)
+        _check_float("TrainingConfig", "momentum", self.momentum, 0.0, strict=False)
+        _check_float("TrainingConfig", "weight_decay", self.weight_decay, 0.0, strict=False)
+        _check_int("TrainingConfig", "hidden", self.hidden, 1)
+        _check_choice("TrainingConfig", "epoch_schedule", self.epoch_schedule, EPOCH_SCHEDULES)
+        _check_int("TrainingConfig", "threads", self.threads, 1)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
+        return from_dict(cls, data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SISAConfig:
+    """Everything that determines the trained weights: sharding plus training.
+
+    Two ensembles with equal ``config_hash()`` trained on equal data have bit-identical weights.
+    Resources (CPUs, GPUs per actor) are not part of it: they change speed, not results.
+    """
+
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sharding, ShardingConfig):
+            raise TypeError(
+                "The 'sharding' parameter of SISAConfig must be a ShardingConfig. "
+                f"Got {type(self.sharding).__name__} instead."
+            )
+        if not isinstance(self.training, TrainingConfig):
+            raise TypeError(
+                "The 'training' parameter of SISAConfig must be a TrainingConfig. "
+                f"Got {type(self.training).__name__} instead."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SISAConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"SISAConfig.from_dict expects a dict. Got {type(data).__name__}.")
+        unknown = sorted(set(data) - {"sharding", "training"})
+        if unknown:
+            raise ValueError(
+                f"Unknown key(s) {unknown} for SISAConfig. Known keys: ['sharding', 'training']."
+            )
+        return cls(
+            sharding=ShardingConfig.from_dict(dict(data.get("sharding", {}))),
+            training=TrainingConfig.from_dict(dict(data.get("training", {}))),
+        )
+
+    def config_hash(self) -> str:
+        """A short, stable digest of the config (canonical JSON, sorted keys)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResourceConfig:
+    """What each shard actor reserves, and how many shards train at once.
+
+    Shard actors are long-lived; one that reserved a whole CPU would hold it forever, so by default
+    they reserve nothing while idle (``num_cpus=0``) and the executor bounds the number of shards
+    *training* at once by the cluster's CPUs (or GPUs) instead.
+    """
+
+    num_cpus: float = 0.0
+    num_gpus: float = 0.0
+    max_concurrent: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_float("ResourceConfig", "num_cpus", self.num_cpus, 0.0, strict=False)
+        _check_float("ResourceConfig", "num_gpus", self.num_gpus, 0.0, strict=False)
+        if self.max_concurrent is not None:
+            _check_int("ResourceConfig", "max_concurrent", self.max_concurrent, 1)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ResourceConfig:
+        return from_dict(cls, data)

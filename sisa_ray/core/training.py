@@ -1,0 +1,141 @@
+"""Training of one shard, slice step by slice step, deterministically.
+
+Step ``r`` trains on slices ``0..r`` of the shard for ``epochs_per_step(...)[r]`` epochs. The sample
+order of each epoch comes from :func:`~sisa_ray.core.plan.training_order`, and every random stream a
+model might draw from (dropout, augmentation) is seeded from ``(seed, shard, step, epoch)`` inside
+a forked RNG, so the process-global generator is left as it was and nothing depends on how much
+randomness other data consumed. Together with deterministic algorithms and a fixed thread count,
+resuming from the checkpoint after step ``r-1`` gives exactly the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import ShardingConfig, TrainingConfig
+from .plan import derive_seed, epochs_per_step, training_order
+
+_INIT_TAG = 0x1417
+_STEP_TAG = 0x57E9
+
+
+@contextlib.contextmanager
+def deterministic_torch(threads: int) -> Iterator[None]:
+    """Deterministic kernels and a fixed intra-op thread count, restored on exit."""
+    prev_threads = torch.get_num_threads()
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+        torch.set_num_threads(prev_threads)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block with torch's global RNG seeded, then restore the caller's RNG state."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        torch.manual_seed(seed)
+        yield
+
+
+def init_seed(sharding: ShardingConfig, shard: int) -> int:
+    """Seed of shard ``shard``'s weight initialisation."""
+    return derive_seed(_INIT_TAG, sharding.seed, shard)
+
+
+def make_optimizer(model: nn.Module, training: TrainingConfig) -> torch.optim.Optimizer:
+    if training.optimizer == "adam":
+        return torch.optim.Adam(
+            model.parameters(), lr=training.lr, weight_decay=training.weight_decay
+        )
+    return torch.optim.SGD(
+        model.parameters(), lr=training.lr, momentum=training.momentum,
+        weight_decay=training.weight_decay,
+    )
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one slice step did."""
+
+    step: int
+    n_samples: int
+    sample_steps: int
+    seconds: float
+    ids: np.ndarray
+
+
+def train_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    features: np.ndarray,
+    labels: np.ndarray,
+    ids: np.ndarray,
+    slice_of: np.ndarray,
+    *,
+    sharding: ShardingConfig,
+    training: TrainingConfig,
+    shard: int,
+    start_step: int,
+    device: torch.device,
+) -> Iterator[StepResult]:
+    """Train steps ``start_step..R-1`` in place, yielding after each so the caller checkpoints.
+
+    ``model`` and ``optimizer`` must hold the state after step ``start_step - 1`` (or a fresh
+    initialisation when ``start_step`` is 0). ``slice_of[i]`` is the slice of sample ``ids[i]``.
+    """
+    epochs = epochs_per_step(training, sharding.n_slices)
+    # from_numpy needs writable memory; Arrow-backed arrays are read-only.
+    x_all = torch.from_numpy(np.array(features, dtype=np.float32)).to(device)
+    y_all = torch.from_numpy(np.array(labels, dtype=np.int64)).to(device)
+    loss_fn = nn.CrossEntropyLoss()
+    bs = training.batch_size
+    for step in range(start_step, sharding.n_slices):
+        t0 = time.perf_counter()
+        rows = np.flatnonzero(slice_of <= step)
+        step_ids = ids[rows]
+        n = int(rows.size)
+        model.train()
+        for epoch in range(epochs[step]):
+            if n == 0:
+                break
+            order = rows[training_order(step_ids, sharding.seed, shard, step, epoch)]
+            order_t = torch.as_tensor(order, device=device)
+            with seeded(derive_seed(_STEP_TAG, sharding.seed, shard, step, epoch), device):
+                for start in range(0, n, bs):
+                    idx = order_t[start:start + bs]
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = loss_fn(model(x_all[idx]), y_all[idx])
+                    loss.backward()
+                    optimizer.step()
+        yield StepResult(
+            step=step, n_samples=n, sample_steps=n * epochs[step],
+            seconds=time.perf_counter() - t0, ids=step_ids,
+        )
+
+
+@torch.no_grad()
+def predict_proba(
+    model: nn.Module, features: np.ndarray, device: torch.device, batch_size: int = 1024
+) -> np.ndarray:
+    """Softmax probabilities, float64, shape (N, n_classes)."""
+    model.eval()
+    out = []
+    x = torch.as_tensor(np.ascontiguousarray(features, dtype=np.float32))
+    for start in range(0, x.shape[0], batch_size):
+        logits = model(x[start:start + batch_size].to(device))
+        out.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
+    if not out:
+        return np.zeros((0, 0))
+    return np.concatenate(out)

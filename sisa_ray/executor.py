@@ -1,0 +1,182 @@
+"""Where shard trainers run: in this process (``LocalExecutor``) or as Ray actors (``RayExecutor``).
+
+This module and the CLI are the only parts of ``sisa_ray`` that import Ray. Both executors speak
+the same small interface, so the ensemble, the tests and failure injection do not care which runs.
+
+Ray actors are long-lived and own their shard (they serve predictions from the live checkpoint).
+They reserve no CPU while idle by default, because S actors that each held a CPU would deadlock on
+fewer than S CPUs; instead the driver keeps at most ``max_concurrent`` shards *training* at once,
+by default the cluster's CPUs divided by the threads per shard (or its GPUs, for GPU actors).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .core.config import ResourceConfig
+from .shard import ShardTrainer, TrainJob
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[dict], None]
+
+
+class LocalExecutor:
+    """Runs shard trainers one after another in this process. No Ray needed."""
+
+    name = "local"
+
+    def __init__(self, trainer_cls: type = ShardTrainer) -> None:
+        self.trainer_cls = trainer_cls
+        self._trainers: dict[int, Any] = {}
+        self._store_uri: str | None = None
+
+    def bind(self, store_uri: str, n_shards: int, threads: int = 1) -> None:
+        if store_uri != self._store_uri:
+            self._trainers = {}
+            self._store_uri = store_uri
+        self._n_shards = n_shards
+
+    def _trainer(self, shard: int):
+        if shard not in self._trainers:
+            self._trainers[shard] = self.trainer_cls(self._store_uri, shard)
+        return self._trainers[shard]
+
+    def run_jobs(self, jobs: Sequence[TrainJob], progress: Progress | None = None) -> list[dict]:
+        results = []
+        for job in jobs:
+            res = self._trainer(job.shard).train(job)
+            results.append(res)
+            if progress:
+                progress({"shard": job.shard, "done": len(results), "total": len(jobs), **res})
+        return results
+
+    def reload(self) -> list[int | None]:
+        return [self._trainer(s).reload() for s in range(self._n_shards)]
+
+    def predict_proba(self, features: np.ndarray) -> list[np.ndarray | None]:
+        return [self._trainer(s).predict_proba(features) for s in range(self._n_shards)]
+
+    def shutdown(self) -> None:
+        self._trainers = {}
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Start or join Ray: ``address=None`` starts (or reuses) a local instance, ``"auto"`` or
+    ``RAY_ADDRESS`` joins a running cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if address or os.environ.get("RAY_ADDRESS"):
+        kwargs["address"] = address or os.environ["RAY_ADDRESS"]
+    elif num_cpus is not None:
+        kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)
+
+
+class RayExecutor:
+    """One named Ray actor per shard; training bounded to the cluster's capacity."""
+
+    name = "ray"
+
+    def __init__(
+        self,
+        resources: ResourceConfig | None = None,
+        *,
+        address: str | None = None,
+        trainer_cls: type = ShardTrainer,
+        max_restarts: int = 3,
+    ) -> None:
+        self.resources = resources or ResourceConfig()
+        self.address = address
+        self.trainer_cls = trainer_cls
+        self.max_restarts = max_restarts
+        self._actors: list[Any] = []
+        self._store_uri: str | None = None
+        self._threads = 1
+
+    def bind(self, store_uri: str, n_shards: int, threads: int = 1) -> None:
+        import ray
+
+        ensure_ray(self.address)
+        if store_uri == self._store_uri and len(self._actors) == n_shards:
+            return
+        self.shutdown()
+        self._store_uri, self._threads = store_uri, threads
+        cls = ray.remote(
+            num_cpus=self.resources.num_cpus,
+            num_gpus=self.resources.num_gpus,
+            max_restarts=self.max_restarts,
+            max_task_retries=self.max_restarts,
+        )(self.trainer_cls)
+        self._actors = [cls.remote(store_uri, s) for s in range(n_shards)]
+
+    def max_concurrent(self) -> int:
+        import ray
+
+        if self.resources.max_concurrent is not None:
+            return self.resources.max_concurrent
+        total = ray.cluster_resources()
+        if self.resources.num_gpus > 0:
+            return max(1, int(total.get("GPU", 0) / self.resources.num_gpus))
+        return max(1, int(total.get("CPU", 1)) // self._threads)
+
+    def run_jobs(self, jobs: Sequence[TrainJob], progress: Progress | None = None) -> list[dict]:
+        import ray
+
+        limit = self.max_concurrent()
+        pending = list(jobs)
+        running: dict[Any, int] = {}
+        results: dict[int, dict] = {}
+        while pending or running:
+            while pending and len(running) < limit:
+                job = pending.pop(0)
+                running[self._actors[job.shard].train.remote(job)] = job.shard
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                shard = running.pop(ref)
+                results[shard] = ray.get(ref)
+                if progress:
+                    progress({"shard": shard, "done": len(results), "total": len(jobs),
+                              **results[shard]})
+        return [results[job.shard] for job in jobs]
+
+    def reload(self) -> list[int | None]:
+        import ray
+
+        return ray.get([a.reload.remote() for a in self._actors])
+
+    def predict_proba(self, features: np.ndarray) -> list[np.ndarray | None]:
+        import ray
+
+        ref = ray.put(np.ascontiguousarray(features, dtype=np.float32))
+        return ray.get([a.predict_proba.remote(ref) for a in self._actors])
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self._actors:
+            try:
+                ray.kill(a)
+            except Exception:  # an actor already gone is what we wanted
+                pass
+        self._actors = []
+        self._store_uri = None
+
+
+def make_executor(
+    backend: str, resources: ResourceConfig | None = None, address: str | None = None
+):
+    if backend == "local":
+        return LocalExecutor()
+    if backend == "ray":
+        return RayExecutor(resources, address=address)
+    raise ValueError(f"The 'backend' parameter must be 'ray' or 'local'. Got {backend!r}.")
