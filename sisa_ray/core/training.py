@@ -132,7 +132,7 @@ def predict_proba(
     """Softmax probabilities, float64, shape (N, n_classes)."""
     model.eval()
     out = []
-    x = torch.as_tensor(np.ascontiguousarray(features, dtype=np.float32))
+    x = torch.from_numpy(np.array(features, dtype=np.float32))
     for start in range(0, x.shape[0], batch_size):
         logits = model(x[start:start + batch_size].to(device))
         out.append(torch.softmax(logits.double(), dim=1).cpu().numpy())

@@ -1,0 +1,387 @@
+"""The ``sisa-ray`` command line: train, delete, predict, status, verify.
+
+Every command takes ``--json`` for machine-readable output on stdout. Errors go to stderr as one
+line that names the problem and the fix, with exit status 2 (bad input) or 1 (verify mismatch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from .core.config import MODELS, ResourceConfig, SISAConfig, ShardingConfig, TrainingConfig
+from .core.store import StoreError
+
+EXIT_BAD_INPUT = 2
+
+
+class CLIError(Exception):
+    """A user error the CLI reports in one line."""
+
+
+def _emit(args, payload: dict, text: str) -> None:
+    if args.json:
+        print(json.dumps(payload, indent=1, default=_json_default))
+    else:
+        print(text)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _progress(args, label: str):
+    if args.json or args.quiet:
+        return None
+    start = time.perf_counter()
+
+    def show(p: dict) -> None:
+        el = time.perf_counter() - start
+        print(
+            f"  [{label}] shard {p['shard']:>3}  {p['done']:>3}/{p['total']}  "
+            f"from slice {p.get('start_step', 0)}  {p['sample_steps']:>9} sample-steps  "
+            f"{p['seconds']:6.2f}s  (elapsed {el:6.1f}s)",
+            file=sys.stderr, flush=True,
+        )
+
+    return show
+
+
+def _ensemble_kwargs(args) -> dict:
+    return {
+        "backend": args.backend,
+        "address": args.address,
+        "resources": ResourceConfig(
+            num_cpus=args.cpus_per_shard, num_gpus=args.gpus_per_shard,
+            max_concurrent=args.max_concurrent,
+        ),
+    }
+
+
+def _open(args):
+    from .ensemble import SISAEnsemble
+
+    return SISAEnsemble.open(args.store, progress=_progress(args, "recover"), **_ensemble_kwargs(args))
+
+
+def _accuracy_table(ens, test) -> dict:
+    from .core.aggregation import aggregate
+
+    probs, active = ens.shard_proba(test.features)
+    hard = aggregate(probs, active, "hard")[0]
+    soft = aggregate(probs, active, "soft")[0]
+    per_shard = [
+        None if not a else float((p.argmax(1) == test.labels).mean())
+        for p, a in zip(probs, active)
+    ]
+    return {
+        "ensemble_hard": float((hard == test.labels).mean()),
+        "ensemble_soft": float((soft == test.labels).mean()),
+        "shards": per_shard,
+    }
+
+
+# -- commands ---------------------------------------------------------------------------------------
+
+
+def cmd_train(args) -> int:
+    from .datasets import load_dataset
+    from .ensemble import SISAEnsemble
+
+    train, test = load_dataset(
+        args.dataset, data_dir=args.data_dir, download=args.download, test=args.test
+    )
+    config = SISAConfig(
+        sharding=ShardingConfig(n_shards=args.shards, n_slices=args.slices, seed=args.seed),
+        training=TrainingConfig(
+            model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            epoch_schedule=args.epoch_schedule, threads=args.threads,
+        ),
+    )
+    if not args.json and not args.quiet:
+        print(
+            f"Training {config.sharding.n_shards} shards x {config.sharding.n_slices} slices of "
+            f"{args.model} on {train.name} ({len(train)} train, "
+            f"{0 if test is None else len(test)} test samples)",
+            file=sys.stderr,
+        )
+    t0 = time.perf_counter()
+    ens = SISAEnsemble(config, store=args.store, **_ensemble_kwargs(args)).fit(
+        train, test, progress=_progress(args, "train")
+    )
+    wall = time.perf_counter() - t0
+    status = ens.status()
+    payload = {"store": ens.store_.location, "config_hash": status["config_hash"],
+               "wall_seconds": wall, "shards": status["shards"]}
+    lines = [f"Trained in {wall:.1f}s. Store: {ens.store_.location}"]
+    if test is not None:
+        acc = _accuracy_table(ens, test)
+        payload["test_accuracy"] = acc
+        lines.append(
+            f"Test accuracy: majority vote {acc['ensemble_hard']:.4f}, "
+            f"soft vote {acc['ensemble_soft']:.4f}"
+        )
+        for s, a in enumerate(acc["shards"]):
+            n = status["shards"][s]["n_samples"]
+            lines.append(f"  shard {s:>3}: {n:>6} samples  "
+                         + ("abstains" if a is None else f"accuracy {a:.4f}"))
+    _emit(args, payload, "\n".join(lines))
+    ens.close()
+    return 0
+
+
+def _parse_ids(args) -> list[int]:
+    raw: list[str] = []
+    if args.ids is not None:
+        raw += [t for t in args.ids.replace("\n", ",").split(",") if t.strip()]
+    if args.ids_file is not None:
+        try:
+            with open(args.ids_file) as f:
+                raw += [t for line in f for t in line.replace(",", " ").split()]
+        except FileNotFoundError as e:
+            raise CLIError(f"--ids-file {args.ids_file} does not exist.") from e
+    if not raw:
+        raise CLIError("The deletion request is empty: give --ids 3,17,42 or --ids-file FILE.")
+    bad = [t.strip() for t in raw if not _is_int(t.strip())]
+    if bad:
+        raise CLIError(
+            f"Sample ids must be integers; got {bad[:10]}. Give ids as in your data's 'id' column."
+        )
+    return [int(t) for t in raw]
+
+
+def _is_int(tok: str) -> bool:
+    try:
+        int(tok)
+        return True
+    except ValueError:
+        return False
+
+
+def cmd_delete(args) -> int:
+    ids = _parse_ids(args)
+    ens = _open(args)
+    report = ens.unlearn(ids, request_id=args.request_id, progress=_progress(args, "retrain"))
+    d = report.to_dict()
+    lines = [f"Request {report.request_id}: {len(report.ids)} id(s)"]
+    if report.duplicate_request:
+        lines.append("  this request id was already completed; nothing was done again")
+    if report.already_deleted:
+        lines.append(f"  already deleted earlier: {report.already_deleted[:20]}")
+    lines.append(f"  deleted now: {report.deleted[:20]}{' ...' if len(report.deleted) > 20 else ''}")
+    for s in report.shards:
+        lines.append(
+            f"  shard {s.shard:>3}: retrained from slice {s.restart_slice}, "
+            f"{s.deleted} deleted, {s.sample_steps} sample-steps, {s.seconds:.2f}s"
+        )
+    lines.append(
+        f"  retrained sample-steps: {report.retrained_sample_steps} "
+        f"(full retrain: {report.full_retrain_sample_steps}, "
+        f"{report.sample_step_speedup:.1f}x fewer); wall time {report.wall_seconds:.2f}s"
+    )
+    _emit(args, d, "\n".join(lines))
+    ens.close()
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .core.aggregation import aggregate
+
+    try:
+        table = pq.read_table(args.input)
+    except FileNotFoundError as e:
+        raise CLIError(f"--input {args.input} does not exist.") from e
+    missing = [c for c in ("id", "features") if c not in table.column_names]
+    if missing:
+        raise CLIError(
+            f"--input {args.input} lacks column(s) {missing}; it needs 'id' and 'features'."
+        )
+    feats = table.column("features").combine_chunks()
+    n = table.num_rows
+    x = feats.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    if n and x.size % n:
+        raise CLIError(f"--input {args.input}: ragged 'features' (rows of different lengths).")
+    x = x.reshape(n, -1) if n else x.reshape(0, -1)
+    ens = _open(args)
+    probs, active = ens.shard_proba(x)
+    pred, agg = aggregate(probs, active, args.vote)
+    out = pa.table({
+        "id": table.column("id"),
+        "prediction": pa.array(pred.astype(np.int64)),
+        "proba": pa.array(list(agg), type=pa.list_(pa.float64())),
+        "shard_proba": pa.array(
+            [[probs[s, i].tolist() if active[s] else None for s in range(len(active))]
+             for i in range(n)],
+            type=pa.list_(pa.list_(pa.float64())),
+        ),
+    })
+    pq.write_table(out, args.output)
+    payload = {"output": os.path.abspath(args.output), "rows": n, "vote": args.vote,
+               "abstaining_shards": np.flatnonzero(~active).tolist()}
+    text = f"Wrote {n} predictions ({args.vote} vote) to {args.output}"
+    if "label" in table.column_names:
+        acc = float((pred == table.column("label").to_numpy()).mean()) if n else float("nan")
+        payload["accuracy"] = acc
+        text += f"; accuracy against 'label': {acc:.4f}"
+    _emit(args, payload, text)
+    ens.close()
+    return 0
+
+
+def cmd_status(args) -> int:
+    ens = _open(args)
+    st = ens.status()
+    t, s = st["config"]["training"], st["config"]["sharding"]
+    lines = [
+        f"Store {st['store']}  (config {st['config_hash']}, generation {st['generation']})",
+        f"  data: {st['dataset']['name']}, {st['dataset']['n_train']} trained, "
+        f"{st['n_train_live']} live, {st['deleted_ids']} deleted, {st['dataset']['n_test']} test",
+        f"  sharding: {s['n_shards']} shards x {s['n_slices']} slices, seed {s['seed']}",
+        f"  training: {t['model']}, {t['epochs']} epochs ({t['epoch_schedule']} schedule), "
+        f"batch {t['batch_size']}, {t['optimizer']} lr {t['lr']}",
+        "  shards:",
+    ]
+    for e in st["shards"]:
+        lines.append(
+            f"    {e['shard']:>4}: {e['n_samples']:>7} samples  version {e['version']}  "
+            f"slices {e['slice_counts']}" + ("  (abstains)" if e["abstains"] else "")
+        )
+    led = st["ledger"]
+    lines.append(
+        f"  ledger: {led['requests']} request(s), {led['completed']} completed, "
+        f"{led['pending']} pending, {led['deleted_ids']} ids"
+    )
+    _emit(args, st, "\n".join(lines))
+    ens.close()
+    return 0
+
+
+def cmd_verify(args) -> int:
+    ens = _open(args)
+    if not args.json and not args.quiet:
+        print("Retraining from scratch on the retained data to compare...", file=sys.stderr)
+    rep = ens.verify(work_store=args.work_store, progress=_progress(args, "scratch"))
+    lines = []
+    for s in rep.shards:
+        mark = "identical" if s["identical"] else f"DIFFERENT at steps {[d['step'] for d in s['diffs']]}"
+        lines.append(f"  shard {s['shard']:>4}: {s['steps']} checkpoints {mark}")
+    if rep.predictions_identical is not None:
+        lines.append(f"  test predictions identical: {rep.predictions_identical}")
+    lines.append(
+        ("EXACT: every shard is bit-for-bit the model trained without the deleted data"
+         if rep.identical else "NOT EXACT: see the differing shards above")
+        + f" ({rep.seconds:.1f}s)"
+    )
+    _emit(args, rep.to_dict(), "\n".join(lines))
+    ens.close()
+    return 0 if rep.identical else 1
+
+
+# -- parser -----------------------------------------------------------------------------------------
+
+
+def _add_common(p: argparse.ArgumentParser, store: bool = True) -> None:
+    if store:
+        p.add_argument("--store", required=True,
+                       help="local path or pyarrow.fs URI (s3://, gs://, file://) of the store")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--backend", choices=["ray", "local"], default="ray",
+                   help="ray: shard actors (default); local: in-process, no Ray")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address ('auto'); default: RAY_ADDRESS or a local instance")
+    p.add_argument("--cpus-per-shard", type=float, default=0.0,
+                   help="CPUs each shard actor reserves (default 0: training is bounded instead)")
+    p.add_argument("--gpus-per-shard", type=float, default=0.0, help="GPUs per shard actor")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="shards training at once (default: cluster CPUs / threads)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sisa-ray", description="Exact machine unlearning with SISA ensembles on Ray."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a SISA ensemble into a store")
+    _add_common(p)
+    p.add_argument("--dataset", default="digits",
+                   help="digits | fashion-mnist | mnist | cifar10 | parquet:PATH")
+    p.add_argument("--test", default=None, help="parquet:PATH test split for parquet data")
+    p.add_argument("--data-dir", default=None, help="where local dataset files are")
+    p.add_argument("--download", action="store_true", help="allow torchvision to download")
+    p.add_argument("--model", default="mlp", choices=list(MODELS))
+    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--slices", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epoch-schedule", choices=["sisa", "per_slice"], default="sisa")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training shard")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("delete", help="unlearn samples exactly")
+    _add_common(p)
+    p.add_argument("--ids", default=None, help="comma-separated sample ids")
+    p.add_argument("--ids-file", default=None, help="file of sample ids (whitespace/commas)")
+    p.add_argument("--request-id", default=None, help="idempotency key of the request")
+    p.set_defaults(func=cmd_delete)
+
+    p = sub.add_parser("predict", help="predict with the live ensemble")
+    _add_common(p)
+    p.add_argument("--input", required=True, help="Parquet with 'id' and 'features'")
+    p.add_argument("--output", required=True, help="Parquet to write")
+    p.add_argument("--vote", choices=["hard", "soft"], default="hard")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("status", help="show config, shards and ledger")
+    _add_common(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("verify", help="retrain from scratch and compare bit for bit")
+    _add_common(p)
+    p.add_argument("--work-store", default=None,
+                   help="where to train the scratch copy (default: a temporary directory)")
+    p.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from .ensemble import NotFittedError
+
+    try:
+        return args.func(args)
+    except (CLIError, ValueError, TypeError, StoreError, FileNotFoundError, NotFittedError) as e:
+        if getattr(args, "json", False):
+            print(json.dumps({"error": str(e), "type": type(e).__name__}))
+        print(f"sisa-ray: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
