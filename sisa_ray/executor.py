@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -102,6 +103,7 @@ class RayExecutor:
         self._actors: list[Any] = []
         self._store_uri: str | None = None
         self._threads = 1
+        self.startup_seconds = 0.0
 
     def bind(self, store_uri: str, n_shards: int, threads: int = 1) -> None:
         import ray
@@ -117,7 +119,12 @@ class RayExecutor:
             max_restarts=self.max_restarts,
             max_task_retries=self.max_restarts,
         )(self.trainer_cls)
+        t0 = time.perf_counter()
         self._actors = [cls.remote(store_uri, s) for s in range(n_shards)]
+        # Wait for every actor process to be up, so start-up is not billed to training.
+        ray.get([a.ping.remote() for a in self._actors])
+        self.startup_seconds = time.perf_counter() - t0
+        log.info("%d shard actors ready in %.1fs", n_shards, self.startup_seconds)
 
     def max_concurrent(self) -> int:
         import ray

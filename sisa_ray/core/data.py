@@ -127,12 +127,9 @@ class SampleSet:
     # -- Arrow / Parquet form: columns id int64, label int64, features list<float32> ---------------
 
     def to_arrow(self) -> pa.Table:
-        flat = self.features.reshape(len(self), -1)
-        width = flat.shape[1] if flat.ndim == 2 else 0
-        values = pa.array(flat.reshape(-1), type=pa.float32())
-        feats = pa.FixedSizeListArray.from_arrays(values, width) if len(self) else pa.array(
-            [], type=pa.list_(pa.float32(), width)
-        )
+        width = int(np.prod(self.input_shape))
+        values = pa.array(self.features.reshape(-1), type=pa.float32())
+        feats = pa.FixedSizeListArray.from_arrays(values, width)
         meta = {
             b"sisa_ray.n_classes": str(self.n_classes).encode(),
             b"sisa_ray.input_shape": ",".join(map(str, self.input_shape)).encode(),

@@ -113,8 +113,8 @@ def train_steps(
             order = rows[training_order(step_ids, sharding.seed, shard, step, epoch)]
             order_t = torch.as_tensor(order, device=device)
             with seeded(derive_seed(_STEP_TAG, sharding.seed, shard, step, epoch), device):
-                for start in range(0, n, bs):
-                    idx = order_t[start:start + bs]
+                for start, stop in batch_bounds(n, bs):
+                    idx = order_t[start:stop]
                     optimizer.zero_grad(set_to_none=True)
                     loss = loss_fn(model(x_all[idx]), y_all[idx])
                     loss.backward()
@@ -123,6 +123,15 @@ def train_steps(
             step=step, n_samples=n, sample_steps=n * epochs[step],
             seconds=time.perf_counter() - t0, ids=step_ids,
         )
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each mini-batch; a last batch of one sample joins the previous one,
+    because batch norm cannot train on a single sample."""
+    bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
 
 
 @torch.no_grad()
