@@ -1,0 +1,1 @@
+"""Approximate unlearning methods and unlearning metrics (pure PyTorch + scikit-learn)."""

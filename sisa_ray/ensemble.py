@@ -411,8 +411,22 @@ class SISAEnsemble:
                 f"{' ...' if len(unknown) > 20 else ''}. Nothing was deleted. Check the ids "
                 "against your data's 'id' column and send the request again without them."
             )
+        self._check_restart_points(fresh)
         ledger.acknowledge(rid, ids.tolist())
         return self._apply(rid, ids, progress)
+
+    def _check_restart_points(self, ids: np.ndarray) -> None:
+        """Check the files a deletion of ``ids`` will start from, before acknowledging it."""
+        plan = DeletionPlan.build(ids, self.config_.sharding)
+        for s, k in plan.restart_slice.items():
+            entry = self.manifest_.shards[s]
+            for ref in [entry.data, *entry.checkpoints[:k]]:
+                if sha256(self.store_.read_bytes(ref.path)) != ref.sha256:
+                    raise StoreError(
+                        f"'{self.store_.location}/{ref.path}' is corrupt: its SHA-256 does not "
+                        "match the manifest (truncated or altered). Nothing was deleted. Restore "
+                        "the file from backup, or retrain on a new --store."
+                    )
 
     def _apply(self, rid: str, ids: np.ndarray, progress=None) -> UnlearnReport:
         t0 = time.perf_counter()

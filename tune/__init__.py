@@ -1,0 +1,1 @@
+"""The Ray Tune + MLflow edge: approximate methods compared with exact SISA unlearning."""
