@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .core.config import MODELS, ResourceConfig, SISAConfig, ShardingConfig, TrainingConfig
+from .core.config import MODELS, ResourceConfig, ShardingConfig, SISAConfig, TrainingConfig
 from .core.store import StoreError
 
 EXIT_BAD_INPUT = 2

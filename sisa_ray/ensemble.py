@@ -34,7 +34,13 @@ from .core.config import ResourceConfig, SISAConfig
 from .core.data import SampleSet
 from .core.ledger import Ledger
 from .core.manifest import (
-    STORE_META, FileRef, Manifest, ShardEntry, collect_garbage, read_manifest, shard_dir,
+    STORE_META,
+    FileRef,
+    Manifest,
+    ShardEntry,
+    collect_garbage,
+    read_manifest,
+    shard_dir,
     write_manifest,
 )
 from .core.plan import DeletionPlan, ShardPlan, assign, epochs_per_step, sample_steps

@@ -24,7 +24,11 @@ from .core.manifest import FileRef, ShardEntry, read_manifest, shard_dir
 from .core.plan import assign
 from .core.store import Store, StoreError
 from .core.training import (
-    deterministic_torch, init_seed, make_optimizer, predict_proba, train_steps,
+    deterministic_torch,
+    init_seed,
+    make_optimizer,
+    predict_proba,
+    train_steps,
 )
 from .models import build_model
 

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from helpers import snapshot, synthetic
+
 from sisa_ray.core.checkpoint import Checkpoint
 from sisa_ray.core.config import ShardingConfig, SISAConfig, TrainingConfig
 from sisa_ray.core.data import SampleSet

@@ -6,7 +6,8 @@ from sisa_ray.core.config import ResourceConfig, ShardingConfig, SISAConfig, Tra
 
 
 def test_error_names_parameter_allowed_and_received():
-    with pytest.raises(ValueError, match=r"'n_shards' parameter of ShardingConfig must be an int >= 1\. Got 0"):
+    msg = r"'n_shards' parameter of ShardingConfig must be an int >= 1\. Got 0 instead"
+    with pytest.raises(ValueError, match=msg):
         ShardingConfig(n_shards=0)
     with pytest.raises(ValueError, match=r"'model' parameter .* one of \['mlp', 'cnn', 'resnet18'\]"):
         TrainingConfig(model="vgg")

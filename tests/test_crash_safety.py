@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_exactness import assert_exact
 
 from sisa_ray.core.ledger import Ledger
 from sisa_ray.core.manifest import read_manifest
@@ -11,7 +12,6 @@ from sisa_ray.core.store import Store
 from sisa_ray.ensemble import SISAEnsemble
 from sisa_ray.executor import LocalExecutor
 from sisa_ray.shard import ShardTrainer
-from test_exactness import assert_exact
 
 
 class Crash(RuntimeError):

@@ -6,7 +6,13 @@ import struct
 import numpy as np
 import pytest
 
-from sisa_ray.datasets import load_dataset, load_fashion_mnist, read_idx, read_parquet, write_parquet
+from sisa_ray.datasets import (
+    load_dataset,
+    load_fashion_mnist,
+    read_idx,
+    read_parquet,
+    write_parquet,
+)
 
 
 def write_idx(path, arr: np.ndarray, gz: bool):

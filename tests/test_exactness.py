@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import snapshot
 
 from sisa_ray.core.checkpoint import states_identical
 from sisa_ray.core.config import ShardingConfig, SISAConfig, TrainingConfig
 from sisa_ray.core.plan import assign
 from sisa_ray.ensemble import SISAEnsemble
-
-from helpers import snapshot
 
 
 def fit(config, data, tmp_path, name, test=None):

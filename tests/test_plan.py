@@ -3,7 +3,12 @@ import pytest
 
 from sisa_ray.core.config import ShardingConfig, TrainingConfig
 from sisa_ray.core.plan import (
-    DeletionPlan, ShardPlan, assign, epochs_per_step, sample_steps, training_order,
+    DeletionPlan,
+    ShardPlan,
+    assign,
+    epochs_per_step,
+    sample_steps,
+    training_order,
 )
 
 
