@@ -86,6 +86,9 @@ class ShardTrainer:
         self.input_shape = tuple(meta["dataset"]["input_shape"])
         self.n_classes = int(meta["dataset"]["n_classes"])
         torch.set_num_threads(self.config.training.threads)
+        # A first optimizer import pulls in torch._dynamo (seconds of CPU). Pay it at start-up,
+        # once per process, rather than inside the first (timed) training job.
+        make_optimizer(self._new_model(), self.config.training)
         self._live: torch.nn.Module | None = None
         self._live_version: int | None = None
         self.reload()
