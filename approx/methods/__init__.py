@@ -1,0 +1,13 @@
+"""Built-in methods; importing this package registers them (one module each)."""
+
+from . import (  # noqa: F401
+    bad_teacher,
+    finetune,
+    fisher_forgetting,
+    fisher_masking,
+    negative_gradient,
+    random_labels,
+    random_perturbation,
+    ssd,
+    twin_mu,
+)

@@ -1,0 +1,72 @@
+"""Bad teaching (Chundawat, Tarun, Mandal and Kankanhalli, "Can Bad Teaching Induce Forgetting?
+Unlearning in Deep Networks using an Incompetent Teacher", AAAI 2023)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..base import register
+from ..loop import FORGET, RETAIN, LoopConfig, stack, train
+
+
+@dataclass(frozen=True, kw_only=True)
+class BadTeacherConfig(LoopConfig):
+    """Authors' defaults: KL temperature 1, 1 epoch, Adam lr 1e-4, batch 256, 30% of the retain
+    set."""
+
+    epochs: int = 1
+    lr: float = 1e-4
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    temperature: float = 1.0
+    retain_fraction: float = 0.3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.temperature <= 0:
+            raise ValueError("The 'temperature' parameter of BadTeacherConfig must be > 0. "
+                             f"Got {self.temperature!r} instead.")
+        if not 0 < self.retain_fraction <= 1:
+            raise ValueError("The 'retain_fraction' parameter of BadTeacherConfig must be in "
+                             f"(0, 1]. Got {self.retain_fraction!r} instead.")
+
+
+def reinitialised(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with freshly initialised weights (drawn from the seeded global RNG)."""
+    fresh = copy.deepcopy(model)
+    for m in fresh.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return fresh
+
+
+@register(
+    "bad_teacher", config=BadTeacherConfig,
+    reference="Chundawat et al., Can Bad Teaching Induce Forgetting?, AAAI 2023",
+)
+def bad_teacher(model, data, config: BadTeacherConfig, device, seed):
+    """Distil the original model on retain samples and a randomly initialised (incompetent)
+    teacher on forget samples."""
+    competent = copy.deepcopy(model).eval()
+    incompetent = reinitialised(model).eval()
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xBAD]))
+    n_keep = max(1, int(round(config.retain_fraction * len(data.retain))))
+    retain = data.retain.take(np.sort(rng.choice(len(data.retain), n_keep, replace=False)))
+    x, y, r = stack((data.forget, FORGET), (retain, RETAIN))
+    t = config.temperature
+
+    def loss(m, xb, yb, rb):
+        with torch.no_grad():
+            good = torch.softmax(competent(xb) / t, dim=1)
+            bad = torch.softmax(incompetent(xb) / t, dim=1)
+            target = torch.where((rb == FORGET)[:, None], bad, good)
+        log_student = torch.log_softmax(m(xb) / t, dim=1)
+        return nn.functional.kl_div(log_student, target, reduction="batchmean")
+
+    return train(model, x, y, r, loss, config, device, seed)

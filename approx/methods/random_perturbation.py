@@ -1,0 +1,44 @@
+"""Random perturbation: Gaussian noise scaled per layer, then fine-tuning on the retain set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..base import register
+from ..loop import RETAIN, LoopConfig, cross_entropy, stack, train
+
+
+@dataclass(frozen=True, kw_only=True)
+class RandomPerturbationConfig(LoopConfig):
+    """Each parameter tensor gets noise N(0, (beta * sigma_layer)^2), sigma_layer being the
+    standard deviation of that tensor's values; then ``epochs`` of fine-tuning on the retain set
+    (the noise-then-repair baseline, cf. Golatkar et al. 2020, Section 5)."""
+
+    beta: float = 0.1
+    epochs: int = 1
+    lr: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta < 0:
+            raise ValueError("The 'beta' parameter of RandomPerturbationConfig must be >= 0. "
+                             f"Got {self.beta!r} instead.")
+
+
+@torch.no_grad()
+def perturb(model: torch.nn.Module, beta: float) -> None:
+    for p in model.parameters():
+        sigma = p.std() if p.numel() > 1 else p.abs().mean()
+        p.add_(torch.randn_like(p) * beta * sigma)
+
+
+@register(
+    "random_perturbation", config=RandomPerturbationConfig, needs=("retain",),
+    reference="Gaussian perturbation then retain fine-tuning (Golatkar et al. 2020 baselines)",
+)
+def random_perturbation(model, data, config: RandomPerturbationConfig, device, seed):
+    perturb(model, config.beta)
+    x, y, r = stack((data.retain, RETAIN))
+    return train(model, x, y, r, cross_entropy, config, device, seed)

@@ -1,0 +1,201 @@
+"""Unlearning metrics: how close an unlearned model is to the gold model (retrained without the
+forget set), and how well an attacker can still tell the forget set apart.
+
+* accuracy on retain / forget / test sets and each one's gap to the gold model;
+* a membership inference attack (MIA): logistic regression on per-sample losses, forget vs test,
+  balanced, cross-validated accuracy (0.5 = the attacker cannot tell);
+* activation distance: mean L2 distance between two models' softmax outputs;
+* Jensen-Shannon divergence between two models' softmax outputs;
+* the NeurIPS 2023 Machine Unlearning challenge's forgetting quality F and its final score.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from sisa_ray.core.data import SampleSet
+
+
+@torch.no_grad()
+def logits(model: nn.Module, data: SampleSet, device: str | torch.device = "cpu",
+           batch_size: int = 1024) -> np.ndarray:
+    model.eval()
+    x = torch.from_numpy(np.array(data.features, dtype=np.float32))
+    outs = [model(x[i:i + batch_size].to(device)).double().cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(outs).numpy() if outs else np.zeros((0, data.n_classes))
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def accuracy(model: nn.Module, data: SampleSet | None, device="cpu") -> float:
+    if data is None or len(data) == 0:
+        return float("nan")
+    return float((logits(model, data, device).argmax(1) == data.labels).mean())
+
+
+def per_sample_loss(model: nn.Module, data: SampleSet, device="cpu") -> np.ndarray:
+    z = torch.from_numpy(logits(model, data, device))
+    return nn.functional.cross_entropy(z, torch.from_numpy(data.labels), reduction="none").numpy()
+
+
+def mia_accuracy(forget_losses: np.ndarray, test_losses: np.ndarray, seed: int = 0,
+                 folds: int = 5) -> float:
+    """Balanced, cross-validated accuracy of a logistic regression telling forget-set losses
+    (members) from test-set losses (non-members). 0.5 means the attack cannot tell them apart."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    forget_losses = np.asarray(forget_losses, dtype=np.float64)
+    test_losses = np.asarray(test_losses, dtype=np.float64)
+    n = min(len(forget_losses), len(test_losses))
+    if n < folds:
+        raise ValueError(f"MIA needs at least {folds} forget and {folds} test samples; got "
+                         f"{len(forget_losses)} and {len(test_losses)}.")
+    rng = np.random.default_rng(seed)
+    f = rng.choice(forget_losses, n, replace=False)
+    t = rng.choice(test_losses, n, replace=False)
+    x = np.concatenate([f, t])[:, None]
+    y = np.concatenate([np.ones(n), np.zeros(n)])
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return float(cross_val_score(LogisticRegression(), x, y, cv=cv, scoring="accuracy").mean())
+
+
+def activation_distance(p: np.ndarray, q: np.ndarray) -> float:
+    """Mean L2 distance between rows of two probability matrices."""
+    return float(np.linalg.norm(np.asarray(p) - np.asarray(q), axis=1).mean())
+
+
+def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    """Mean Jensen-Shannon divergence (natural log) between rows of two probability matrices."""
+    p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+    m = 0.5 * (p + q)
+
+    def kl(a, b):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(a > 0, a * np.log(a / b), 0.0)
+        return t.sum(axis=1)
+
+    return float((0.5 * kl(p, m) + 0.5 * kl(q, m)).mean())
+
+
+# -- NeurIPS 2023 unlearning challenge -------------------------------------------------------------
+
+
+def logit_margin(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """True-class logit minus the largest other logit, per sample."""
+    z = np.asarray(z, dtype=np.float64)
+    idx = np.arange(len(labels))
+    true = z[idx, labels]
+    other = z.copy()
+    other[idx, labels] = -np.inf
+    return true - other.max(axis=1)
+
+
+def example_epsilon(unlearned: np.ndarray, retrained: np.ndarray, delta: float = 1e-5) -> float:
+    """Privacy epsilon of one example from threshold attacks on two 1-D samples of a statistic.
+
+    Every threshold between observed values, in both directions, is an attack with a false
+    positive rate (retrained flagged as unlearned) and a false negative rate; each gives
+    ``max(log((1 - delta - FPR) / FNR), log((1 - delta - FNR) / FPR))``; epsilon is the largest,
+    and 0 when no attack beats chance. An attack with a zero error rate gives infinity.
+    """
+    u = np.sort(np.asarray(unlearned, dtype=np.float64))
+    r = np.sort(np.asarray(retrained, dtype=np.float64))
+    thresholds = np.concatenate([[-np.inf], np.unique(np.concatenate([u, r])), [np.inf]])
+    best = 0.0
+    for t in thresholds:
+        # attack "unlearned if value > t"
+        fnr = np.searchsorted(u, t, side="right") / len(u)
+        fpr = 1.0 - np.searchsorted(r, t, side="right") / len(r)
+        for a, b in ((fpr, fnr), (fnr, fpr)):  # and the reverse direction
+            num = 1.0 - delta - a
+            if num <= 0:
+                continue
+            eps = math.inf if b == 0 else math.log(num / b)
+            best = max(best, eps)
+    return best
+
+
+def forgetting_quality(unlearned_margins: np.ndarray, retrained_margins: np.ndarray,
+                       delta: float = 1e-5, bin_width: float = 0.5) -> float:
+    """The challenge's forgetting quality F.
+
+    ``*_margins`` have shape (n_models, n_forget_examples). Each example's epsilon falls in bin
+    ``k = floor(eps / bin_width) + 1`` and scores ``2 ** (1 - k)`` (1 for eps < 0.5, 0.5 for eps in
+    [0.5, 1), ..., 0 for infinite epsilon); F is the mean score over examples.
+    """
+    u = np.asarray(unlearned_margins, dtype=np.float64)
+    r = np.asarray(retrained_margins, dtype=np.float64)
+    if u.ndim != 2 or r.ndim != 2 or u.shape[1] != r.shape[1]:
+        raise ValueError(f"Margins must be (n_models, n_examples) with equal n_examples. Got "
+                         f"{u.shape} and {r.shape}.")
+    scores = []
+    for j in range(u.shape[1]):
+        eps = example_epsilon(u[:, j], r[:, j], delta)
+        scores.append(0.0 if math.isinf(eps) else 2.0 ** (1 - (math.floor(eps / bin_width) + 1)))
+    return float(np.mean(scores))
+
+
+def challenge_score(f: float, retain_acc: float, retain_acc_gold: float, test_acc: float,
+                    test_acc_gold: float) -> float:
+    """Final score ``F * RA/RA_gold * TA/TA_gold``."""
+    return float(f * (retain_acc / retain_acc_gold) * (test_acc / test_acc_gold))
+
+
+# -- the whole report ------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    retain_acc: float
+    forget_acc: float
+    test_acc: float
+    mia: float
+    seconds: float
+    retain_gap: float = float("nan")
+    forget_gap: float = float("nan")
+    test_gap: float = float("nan")
+    mia_gap: float = float("nan")
+    activation_distance: float = float("nan")
+    js_divergence: float = float("nan")
+    time_ratio: float = float("nan")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(
+    model: nn.Module, forget: SampleSet, retain: SampleSet, test: SampleSet, *,
+    seconds: float = float("nan"), gold: nn.Module | None = None,
+    gold_eval: Evaluation | None = None, device="cpu", seed: int = 0,
+) -> Evaluation:
+    """All single-model metrics, and the gaps to ``gold`` when given (``gold_eval`` caches the
+    gold model's own numbers)."""
+    ev = Evaluation(
+        retain_acc=accuracy(model, retain, device), forget_acc=accuracy(model, forget, device),
+        test_acc=accuracy(model, test, device),
+        mia=mia_accuracy(per_sample_loss(model, forget, device),
+                         per_sample_loss(model, test, device), seed=seed),
+        seconds=seconds,
+    )
+    if gold is not None:
+        g = gold_eval or evaluate(gold, forget, retain, test, device=device, seed=seed)
+        ev.retain_gap = ev.retain_acc - g.retain_acc
+        ev.forget_gap = ev.forget_acc - g.forget_acc
+        ev.test_gap = ev.test_acc - g.test_acc
+        ev.mia_gap = ev.mia - g.mia
+        p, q = softmax(logits(model, forget, device)), softmax(logits(gold, forget, device))
+        ev.activation_distance = activation_distance(p, q)
+        ev.js_divergence = js_divergence(p, q)
+        if g.seconds == g.seconds and g.seconds > 0:
+            ev.time_ratio = seconds / g.seconds
+    return ev
