@@ -100,28 +100,37 @@ def logit_margin(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return true - other.max(axis=1)
 
 
-def example_epsilon(unlearned: np.ndarray, retrained: np.ndarray, delta: float = 1e-5) -> float:
-    """Privacy epsilon of one example from threshold attacks on two 1-D samples of a statistic.
+def _attack_epsilon(fpr: float, fnr: float, delta: float) -> float:
+    """Epsilon of one attack, as the challenge's ``compute_epsilon_s``: both error rates zero is
+    a perfect attack (infinity); exactly one zero gives no estimate (the attack is discarded)."""
+    if fpr == 0 and fnr == 0:
+        return math.inf
+    if fpr == 0 or fnr == 0:
+        return math.nan
+    terms = [math.log(1 - delta - a) - math.log(b)
+             for a, b in ((fpr, fnr), (fnr, fpr)) if 1 - delta - a > 0]
+    return max(terms) if terms else math.nan
 
-    Every threshold between observed values, in both directions, is an attack with a false
-    positive rate (retrained flagged as unlearned) and a false negative rate; each gives
-    ``max(log((1 - delta - FPR) / FNR), log((1 - delta - FNR) / FPR))``; epsilon is the largest,
-    and 0 when no attack beats chance. An attack with a zero error rate gives infinity.
+
+def example_epsilon(unlearned: np.ndarray, retrained: np.ndarray, delta: float = 1e-5) -> float:
+    """Privacy epsilon of one example from threshold attacks on two 1-D samples of a statistic
+    (e.g. the example's logit margin under several unlearned and several retrained models).
+
+    Every threshold, in both directions ("unlearned if value > t" and "if value <= t"), is an
+    attack with a false positive rate (retrained flagged as unlearned) and a false negative rate;
+    each gives ``max(log((1 - delta - FPR) / FNR), log((1 - delta - FNR) / FPR))``. Epsilon is the
+    largest over attacks, never below 0.
     """
     u = np.sort(np.asarray(unlearned, dtype=np.float64))
     r = np.sort(np.asarray(retrained, dtype=np.float64))
-    thresholds = np.concatenate([[-np.inf], np.unique(np.concatenate([u, r])), [np.inf]])
     best = 0.0
-    for t in thresholds:
-        # attack "unlearned if value > t"
-        fnr = np.searchsorted(u, t, side="right") / len(u)
-        fpr = 1.0 - np.searchsorted(r, t, side="right") / len(r)
-        for a, b in ((fpr, fnr), (fnr, fpr)):  # and the reverse direction
-            num = 1.0 - delta - a
-            if num <= 0:
-                continue
-            eps = math.inf if b == 0 else math.log(num / b)
-            best = max(best, eps)
+    for t in np.concatenate([[-np.inf], np.unique(np.concatenate([u, r]))]):
+        u_le = np.searchsorted(u, t, side="right") / len(u)
+        r_le = np.searchsorted(r, t, side="right") / len(r)
+        for fpr, fnr in ((1 - r_le, u_le), (r_le, 1 - u_le)):
+            eps = _attack_epsilon(fpr, fnr, delta)
+            if eps == eps:  # not NaN
+                best = max(best, eps)
     return best
 
 
