@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from approx_fixtures import fit_model, make_problem
+
 from approx import ClassForget, SubclassForget, get_method, list_methods, run_method
 from approx.base import register
-from approx_fixtures import fit_model, make_problem
 from sisa_ray.core.checkpoint import states_identical
 
 SMALL = {  # keep the suite fast: fewer epochs where the defaults train for long

@@ -13,8 +13,14 @@ from approx.loop import batch_gradient_importance, fisher_diagonal
 from approx.methods.fisher_masking import fisher_mask
 from approx.methods.ssd import ssd_dampen
 from approx.metrics import (
-    activation_distance, challenge_score, example_epsilon, forgetting_quality, js_divergence,
-    logit_margin, mia_accuracy, softmax,
+    activation_distance,
+    challenge_score,
+    example_epsilon,
+    forgetting_quality,
+    js_divergence,
+    logit_margin,
+    mia_accuracy,
+    softmax,
 )
 from approx.requests import ClassForget, RandomForget, SubclassForget, parse_request, split_forget
 from sisa_ray.core.data import SampleSet
