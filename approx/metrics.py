@@ -44,7 +44,8 @@ def accuracy(model: nn.Module, data: SampleSet | None, device="cpu") -> float:
 
 def per_sample_loss(model: nn.Module, data: SampleSet, device="cpu") -> np.ndarray:
     z = torch.from_numpy(logits(model, data, device))
-    return nn.functional.cross_entropy(z, torch.from_numpy(data.labels), reduction="none").numpy()
+    y = torch.from_numpy(np.array(data.labels, dtype=np.int64))
+    return nn.functional.cross_entropy(z, y, reduction="none").numpy()
 
 
 def mia_accuracy(forget_losses: np.ndarray, test_losses: np.ndarray, seed: int = 0,

@@ -71,12 +71,39 @@ class SubclassForget:
         return f"subclass:{self.label}:{self.fraction:g}"
 
 
-ForgetRequest = RandomForget | ClassForget | SubclassForget
+@dataclass(frozen=True, kw_only=True)
+class IdsForget:
+    """An explicit list of sample ids (an arbitrary subset: methods treat it as ``random``)."""
+
+    ids: tuple[int, ...]
+    kind = "random"
+
+    def __post_init__(self) -> None:
+        if not self.ids:
+            raise ValueError("IdsForget needs at least one id.")
+
+    def __str__(self) -> str:
+        return f"ids:{len(self.ids)}"
+
+
+ForgetRequest = RandomForget | ClassForget | SubclassForget | IdsForget
 
 
 def parse_request(text: str) -> ForgetRequest:
-    """``random:FRACTION`` | ``class:LABEL`` | ``subclass:LABEL:FRACTION``."""
+    """``random:FRACTION`` | ``class:LABEL`` | ``subclass:LABEL:FRACTION`` | ``ids:FILE``
+    (a file of integer ids separated by whitespace or commas)."""
     parts = str(text).split(":")
+    if parts[0] == "ids" and len(parts) >= 2:
+        path = ":".join(parts[1:])
+        try:
+            with open(path) as f:
+                toks = f.read().replace(",", " ").split()
+        except FileNotFoundError as e:
+            raise ValueError(f"Forget ids file {path} does not exist.") from e
+        try:
+            return IdsForget(ids=tuple(int(t) for t in toks))
+        except ValueError as e:
+            raise ValueError(f"Forget ids file {path} must hold integer ids ({e}).") from e
     try:
         if parts[0] == "random" and len(parts) == 2:
             return RandomForget(fraction=float(parts[1]))
@@ -97,6 +124,13 @@ def parse_request(text: str) -> ForgetRequest:
 def forget_ids(data: SampleSet, request: ForgetRequest, seed: int) -> np.ndarray:
     """The ids a request selects from ``data`` (sorted)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xF0]))
+    if isinstance(request, IdsForget):
+        ids = np.unique(np.asarray(request.ids, dtype=np.int64))
+        unknown = ids[~np.isin(ids, data.ids)]
+        if unknown.size:
+            raise ValueError(f"{unknown.size} forget id(s) are not in the training set: "
+                             f"{unknown[:20].tolist()}. Remove them from the ids file.")
+        return ids
     if isinstance(request, RandomForget):
         n = max(1, int(round(request.fraction * len(data))))
         return np.sort(rng.choice(data.ids, size=n, replace=False))

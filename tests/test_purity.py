@@ -10,7 +10,8 @@ PURE = [
     "sisa_ray.core.config", "sisa_ray.core.plan", "sisa_ray.core.data", "sisa_ray.core.store",
     "sisa_ray.core.checkpoint", "sisa_ray.core.training", "sisa_ray.core.aggregation",
     "sisa_ray.core.ledger", "sisa_ray.core.manifest", "sisa_ray.models", "sisa_ray.datasets",
-    "sisa_ray.shard", "sisa_ray.ensemble",
+    "sisa_ray.shard", "sisa_ray.ensemble", "approx", "approx.methods", "approx.metrics",
+    "approx.loop", "tune.objective", "tune.spaces", "tune.problem", "tune.report",
 ]
 
 

@@ -103,7 +103,7 @@ def adversarial_feature(model, samples: SampleSet, eps: float, steps: int, devic
     """Cross-entropy between outputs on an untargeted PGD example and on the clean input."""
     model.eval()
     x = torch.from_numpy(np.array(samples.features, dtype=np.float32)).to(device)
-    y = torch.from_numpy(samples.labels).to(device)
+    y = torch.from_numpy(np.array(samples.labels, dtype=np.int64)).to(device)
     with torch.no_grad():
         clean = torch.softmax(model(x), dim=1)
     delta = torch.zeros_like(x, requires_grad=True)
@@ -123,7 +123,7 @@ def curriculum_feature(curriculum: nn.Module, samples: SampleSet, device) -> np.
     curriculum.eval()
     with torch.no_grad():
         x = torch.from_numpy(np.array(samples.features, dtype=np.float32)).to(device)
-        y = torch.from_numpy(samples.labels).to(device)
+        y = torch.from_numpy(np.array(samples.labels, dtype=np.int64)).to(device)
         return nn.functional.cross_entropy(curriculum(x), y, reduction="none").cpu().numpy()
 
 

@@ -1,0 +1,207 @@
+"""The comparison problem: data, original and gold models per seed, and how a method is applied.
+
+Two targets:
+
+* ``monolith``: one model trained on all training data; the gold is a retrain without the forget
+  set. Methods unlearn the model.
+* ``sisa``: a SISA ensemble; the gold is the exact SISA deletion of the same ids (bit-identical
+  to retraining the ensemble). Methods unlearn each affected shard model with that shard's forget
+  and retain data; untouched shards stay as they are.
+
+Ensembles are scored through their soft vote (mean probability), so losses, MIA and divergences
+are defined for them as for a single model. Pure: no Ray, no MLflow here; the Ray edge ships a
+``Problem`` to trials through the object store.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from approx import UnlearningData, run_method
+from approx.loop import RETAIN, LoopConfig, cross_entropy, stack, train
+from approx.metrics import Evaluation, evaluate, logit_margin, logits
+from approx.requests import ForgetRequest
+from sisa_ray.core.config import ShardingConfig, SISAConfig, TrainingConfig
+from sisa_ray.core.data import SampleSet
+from sisa_ray.core.plan import assign
+from sisa_ray.core.training import deterministic_torch, seeded
+from sisa_ray.models import build_model
+
+TARGETS = ("monolith", "sisa")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    input_shape: tuple[int, ...]
+    n_classes: int
+    hidden: int = 128
+
+    def build(self, state: dict | None = None, seed: int = 0) -> nn.Module:
+        model = build_model(self.name, self.input_shape, self.n_classes, hidden=self.hidden,
+                            seed=seed)
+        if state is not None:
+            model.load_state_dict(state)
+        return model.eval()
+
+
+class SoftVote(nn.Module):
+    """A SISA ensemble as one module: log of the mean softmax of the voting shards."""
+
+    def __init__(self, shards: list[nn.Module | None]) -> None:
+        super().__init__()
+        self.shards = nn.ModuleList([m for m in shards if m is not None])
+        if not len(self.shards):
+            raise ValueError("Every shard abstains: the ensemble cannot predict.")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([torch.softmax(m(x), dim=1) for m in self.shards]).mean(0)
+        return torch.log(probs.clamp_min(1e-30))
+
+
+@dataclass
+class Trained:
+    """One seed's models: a state dict (monolith) or one per shard, None for abstaining."""
+
+    original: dict | list[dict | None]
+    gold: dict | list[dict | None]
+    gold_seconds: float  # monolith: retrain; sisa: exact deletion
+    retrain_seconds: float  # naive retrain (of the ensemble, for sisa)
+    exact_seconds: float = float("nan")  # monolith: exact SISA deletion time
+    exact: list[dict | None] | None = None  # monolith: the exactly unlearned SISA ensemble
+
+
+@dataclass
+class Problem:
+    target: str
+    spec: ModelSpec
+    request: ForgetRequest
+    forget: SampleSet
+    retain: SampleSet
+    test: SampleSet
+    extra: SampleSet | None
+    sisa: SISAConfig
+    seeds: list[Trained] = field(default_factory=list)
+
+    def unlearning_data(self) -> UnlearningData:
+        return UnlearningData(forget=self.forget, retain=self.retain, request=self.request,
+                              validation=self.test, extra=self.extra)
+
+    def model(self, states) -> nn.Module:
+        if isinstance(states, dict):
+            return self.spec.build(states)
+        return SoftVote([None if s is None else self.spec.build(s) for s in states])
+
+    def shard_split(self) -> dict[int, tuple[SampleSet, SampleSet]]:
+        """Forget and retain data of every shard the forget set touches."""
+        f_shard, _ = assign(self.forget.ids, self.sisa.sharding)
+        r_shard, _ = assign(self.retain.ids, self.sisa.sharding)
+        return {
+            int(s): (self.forget.take(f_shard == s), self.retain.take(r_shard == s))
+            for s in np.unique(f_shard)
+        }
+
+
+def train_monolith(data: SampleSet, spec: ModelSpec, training: TrainingConfig, seed: int):
+    """One model on ``data``: Adam, the training config's epochs, lr and batch size."""
+    model = spec.build(seed=seed)
+    x, y, r = stack((data, RETAIN))
+    cfg = LoopConfig(epochs=training.epochs, lr=training.lr, optimizer=training.optimizer,
+                     weight_decay=training.weight_decay, batch_size=training.batch_size)
+    t0 = time.perf_counter()
+    with deterministic_torch(1), seeded(seed, torch.device("cpu")):
+        train(model, x, y, r, cross_entropy, cfg, torch.device("cpu"), seed)
+    return model.eval().state_dict(), time.perf_counter() - t0
+
+
+def train_sisa(train_set: SampleSet, forget_ids: np.ndarray, config: SISAConfig):
+    """Fit a SISA ensemble in-process, then delete ``forget_ids`` exactly.
+
+    Returns ``(original shard states, exact shard states, exact deletion seconds,
+    from-scratch ensemble training seconds)``; abstaining shards are None.
+    """
+    from sisa_ray.ensemble import SISAEnsemble
+
+    with tempfile.TemporaryDirectory(prefix="sisa-compare-") as tmp:
+        ens = SISAEnsemble(config, store=f"{tmp}/s", backend="local").fit(train_set)
+        original = _shard_states(ens)
+        t0 = time.perf_counter()
+        ens.unlearn(np.asarray(forget_ids).tolist())
+        exact_s = time.perf_counter() - t0
+        exact = _shard_states(ens)
+        retrain = SISAEnsemble(config, store=f"{tmp}/r", backend="local")
+        t0 = time.perf_counter()
+        retrain.fit(train_set.without_ids(forget_ids))
+        retrain_s = time.perf_counter() - t0
+    return original, exact, exact_s, retrain_s
+
+
+def _shard_states(ens) -> list[dict | None]:
+    states = ens.shard_states()
+    return [None if e.n_samples == 0 else s for e, s in zip(ens.manifest_.shards, states)]
+
+
+def train_seed(problem: Problem, train_set: SampleSet, seed: int) -> Trained:
+    """Original, gold and exact models for one seed (the unit of parallel work)."""
+    torch.set_num_threads(1)
+    sisa = SISAConfig(
+        sharding=ShardingConfig(n_shards=problem.sisa.sharding.n_shards,
+                                n_slices=problem.sisa.sharding.n_slices, seed=seed),
+        training=problem.sisa.training,
+    )
+    original_e, exact_e, exact_s, retrain_e_s = train_sisa(train_set, problem.forget.ids, sisa)
+    if problem.target == "sisa":
+        return Trained(original=original_e, gold=exact_e, gold_seconds=exact_s,
+                       retrain_seconds=retrain_e_s, exact_seconds=exact_s, exact=exact_e)
+    original, _ = train_monolith(train_set, problem.spec, problem.sisa.training, seed)
+    gold, gold_s = train_monolith(problem.retain, problem.spec, problem.sisa.training, seed)
+    return Trained(original=original, gold=gold, gold_seconds=gold_s, retrain_seconds=gold_s,
+                   exact_seconds=exact_s, exact=exact_e)
+
+
+def apply_method(problem: Problem, method: str, config, seed: int, seed_index: int = 0):
+    """Unlearn with ``method``; return ``(model, seconds)``. ``seed_index`` picks the original."""
+    trained = problem.seeds[seed_index]
+    if problem.target == "monolith":
+        res = run_method(method, problem.model(trained.original), problem.unlearning_data(),
+                         config, seed=seed, threads=1)
+        return res.model, res.seconds
+    shards = [None if s is None else problem.spec.build(s) for s in trained.original]
+    seconds = 0.0
+    sharding = SISAConfig(
+        sharding=ShardingConfig(n_shards=problem.sisa.sharding.n_shards,
+                                n_slices=problem.sisa.sharding.n_slices, seed=seed_index),
+        training=problem.sisa.training,
+    )
+    view = Problem(problem.target, problem.spec, problem.request, problem.forget,
+                   problem.retain, problem.test, problem.extra, sharding)
+    for s, (f_s, r_s) in view.shard_split().items():
+        if len(r_s) == 0:
+            shards[s] = None  # nothing left to learn from: the shard abstains, as exactly
+            continue
+        data = UnlearningData(forget=f_s, retain=r_s, request=problem.request,
+                              validation=problem.test, extra=problem.extra)
+        res = run_method(method, shards[s], data, config, seed=seed, threads=1)
+        shards[s], seconds = res.model, seconds + res.seconds
+    return SoftVote(shards).eval(), seconds
+
+
+def score(problem: Problem, model: nn.Module, seconds: float, seed_index: int = 0,
+          gold_eval: Evaluation | None = None) -> Evaluation:
+    trained = problem.seeds[seed_index]
+    gold = problem.model(trained.gold)
+    if gold_eval is None:
+        gold_eval = evaluate(gold, problem.forget, problem.retain, problem.test,
+                             seconds=trained.retrain_seconds, seed=seed_index)
+    return evaluate(model, problem.forget, problem.retain, problem.test, seconds=seconds,
+                    gold=gold, gold_eval=gold_eval, seed=seed_index)
+
+
+def forget_margins(problem: Problem, model: nn.Module) -> np.ndarray:
+    return logit_margin(logits(model, problem.forget), problem.forget.labels)
