@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slices", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--delete", type=int, default=5, help="how many random ids to delete")
+    ap.add_argument("--no-compare", action="store_true", help="skip the method comparison")
     args = ap.parse_args(argv)
 
     store = Path(args.store).resolve()
@@ -94,7 +95,26 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"\nStore: {store}")
     _say(f"Try: .venv/bin/sisa-ray status --store {store}")
     ens.close()
+    if not args.no_compare:
+        _compare()
     return 0 if ver.identical else 1
+
+
+def _compare() -> None:
+    """A small comparison of every approximate method against the exact path, on Ray Tune."""
+    from tune.compare import CompareConfig, run_comparison
+    from tune.report import to_markdown
+
+    _say("\n== Comparing approximate unlearning methods with exact SISA deletion "
+         "(random 10% of digits, Ray Tune, MLflow)")
+    cfg = CompareConfig(dataset="digits", forget="random:0.1", target="sisa", epochs=10,
+                        num_samples=2, seeds=2, out="sisa-store/compare")
+    result = run_comparison(cfg, say=_say)
+    cols = ["method", "forget_acc", "retain_acc", "test_acc", "mia", "alignment", "seconds",
+            "time_ratio"]
+    _say(to_markdown([{k: r[k] for k in cols} | {"kind": r["kind"]} for r in result["rows"]]))
+    _say("Open the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri "
+         f"{result['mlflow']['uri']} --host 127.0.0.1")
 
 
 if __name__ == "__main__":

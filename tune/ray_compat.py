@@ -7,6 +7,7 @@ to this file only.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -86,6 +87,8 @@ def run_trials(
         ),
         run_config=ray_tune.RunConfig(name=name, storage_path=storage_path, verbose=0),
     )
+    # the legacy reporter honours verbose=0; the new one prints a box per experiment
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     grid = tuner.fit()
     out = []
     for result in grid:

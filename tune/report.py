@@ -26,7 +26,7 @@ def _fmt(v) -> str:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    cols = [c for c in COLUMNS if c != "best_config"] + ["best_config"]
+    cols = [c for c in COLUMNS if any(c in r for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c, float("nan"))) for c in cols) + " |")
