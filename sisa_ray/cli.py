@@ -313,6 +313,36 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from .bench import run_bench, spec_from_args
+
+    spec = spec_from_args(args)
+    say = (lambda m: None) if (args.json or args.quiet) else (
+        lambda m: print(m, file=sys.stderr, flush=True))
+    out = Path(args.out or "bench-results").resolve()
+    summary = run_bench(spec, out, mlflow_uri=False if args.no_mlflow else args.mlflow_uri,
+                        say=say)
+    lines = [f"Results in {out} (bench.csv, bench.json, plots)",
+             "| S | R | train s | eff | acc hard | acc soft | 1-id delete s | speedup wall | "
+             "speedup steps | expected | paper |", "|" + "---|" * 11]
+    for r in summary["rows"]:
+        lines.append(
+            f"| {r['shards']} | {r['slices']} | {r['train_wall_s']:.1f} | "
+            f"{r['parallel_efficiency']:.2f} | {r['acc_hard']:.4f} | {r['acc_soft']:.4f} | "
+            f"{r.get('seq_delete_wall_s', float('nan')):.2f} | "
+            f"{r.get('seq_speedup_wall', float('nan')):.1f} | "
+            f"{r.get('seq_speedup_steps', float('nan')):.1f} | "
+            f"{r['expected_speedup_one']:.1f} | {r['paper_speedup']:.1f} |")
+    tp = summary["throughput"]
+    lines.append(f"single model: accuracy {summary['single_model']['acc']:.4f}, "
+                 f"{summary['single_model']['wall_s']:.1f}s; shard actor throughput "
+                 f"{tp['ratio']:.2f}x a plain PyTorch loop")
+    _emit(args, summary, "\n".join(lines))
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------------
 
 
@@ -405,6 +435,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="sisa-ray-compare")
     p.add_argument("--out", default=None, help="directory for the table and plots")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("bench", help="speedup of exact unlearning over retraining, accuracy cost")
+    _add_common(p, store=False)
+    p.add_argument("--preset", choices=["fast", "full"], default="fast")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--model", choices=list(MODELS), default="cnn")
+    p.add_argument("--shards", default=None, help="comma-separated, e.g. 1,2,4,8,16")
+    p.add_argument("--slices", default=None, help="comma-separated, e.g. 1,2,4,8")
+    p.add_argument("--requests", type=int, default=None, help="deletion requests K")
+    p.add_argument("--mode", choices=["sequential", "batched", "both"], default="both")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-train", type=int, default=None, help="subsample the training split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="results directory (default ./bench-results)")
+    p.add_argument("--mlflow-uri", default=None)
+    p.add_argument("--no-mlflow", action="store_true")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

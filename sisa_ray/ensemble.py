@@ -63,6 +63,7 @@ class ShardRetrain:
     deleted: int
     sample_steps: int
     seconds: float
+    train_seconds: float = 0.0
 
 
 @dataclass
@@ -211,6 +212,16 @@ class SISAEnsemble:
         if not isinstance(config, SISAConfig):
             raise TypeError(f"config must be a SISAConfig. Got {type(config).__name__}.")
         store = Store(self.store or tempfile.mkdtemp(prefix="sisa-ray-"))
+        if not store.exists(STORE_META) and not store.is_empty():
+            raise ValueError(
+                f"The store {store.location} is not empty and holds no sisa-ray ensemble. "
+                "Choose an empty or new directory for --store."
+            )
+        with store.writer_lock():
+            return self._fit_locked(store, config, data, test, progress)
+
+    def _fit_locked(self, store: Store, config: SISAConfig, data: SampleSet,
+                    test: SampleSet | None, progress) -> SISAEnsemble:
         fingerprint = data.fingerprint()
         meta = {
             "format": 1,
@@ -316,6 +327,11 @@ class SISAEnsemble:
 
     def _recover(self, progress=None) -> list[UnlearnReport]:
         """Finish acknowledged deletions, then remove files no manifest references."""
+        with self.store_.writer_lock():
+            return self._recover_locked(progress)
+
+    def _recover_locked(self, progress=None) -> list[UnlearnReport]:
+        self.manifest_ = read_manifest(self.store_)  # another writer may have moved it on
         reports = []
         for req in Ledger(self.store_).pending():
             log.warning("finishing acknowledged deletion request %s", req.request_id)
@@ -390,7 +406,11 @@ class SISAEnsemble:
         ids = validate_ids(ids)
         if request_id is not None and (not isinstance(request_id, str) or not request_id):
             raise ValueError(f"request_id must be a non-empty string. Got {request_id!r}.")
-        self._recover(progress)
+        with self.store_.writer_lock():
+            return self._unlearn_locked(ids, request_id, progress)
+
+    def _unlearn_locked(self, ids: np.ndarray, request_id: str | None, progress):
+        self._recover_locked(progress)
         rid = request_id or _default_request_id(ids)
         ledger = Ledger(self.store_)
         known = ledger.requests()
@@ -473,6 +493,7 @@ class SISAEnsemble:
                 ShardRetrain(
                     shard=j.shard, restart_slice=j.start_step, deleted=len(j.remove_ids),
                     sample_steps=r["sample_steps"], seconds=r["seconds"],
+                    train_seconds=r["train_seconds"],
                 )
                 for j, r in zip(jobs, results)
             ],

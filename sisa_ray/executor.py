@@ -118,6 +118,10 @@ class RayExecutor:
             num_gpus=self.resources.num_gpus,
             max_restarts=self.max_restarts,
             max_task_retries=self.max_restarts,
+            # two threads: predictions are served from the live model while a retrain runs
+            max_concurrency=2,
+            # spread shards over the nodes of a cluster (one node: no effect)
+            scheduling_strategy="SPREAD",
         )(self.trainer_cls)
         t0 = time.perf_counter()
         self._actors = [cls.remote(store_uri, s) for s in range(n_shards)]

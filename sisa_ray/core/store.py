@@ -7,16 +7,21 @@ already all-or-nothing. Nothing is ever appended in place, so the same code work
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
+import logging
 import os
 import posixpath
+import time
 import uuid
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(RuntimeError):
@@ -164,7 +169,91 @@ class Store:
         info = self.fs.get_file_info(self.root)
         if info.type == pafs.FileType.NotFound:
             return True
-        return not self.list("")
+        return not [p for p in self.list("") if p != LOCK_FILE]
+
+    def writer_lock(self, timeout: float = 3600.0) -> StoreLock:
+        """Exclusive lock for everything that changes the store (fit, deletions, recovery)."""
+        return StoreLock(self, timeout)
+
+
+LOCK_FILE = ".lock"
+
+
+class StoreLock:
+    """An exclusive, re-entrant (per process) writer lock on a store.
+
+    Local stores use ``flock`` on ``<store>/.lock``: the kernel releases it when the holder dies,
+    even by SIGKILL, so a crashed writer never blocks the next one. Object stores get a lease
+    object ``.lock`` (exclusive create) that expires after ``lease_s`` seconds without renewal.
+    """
+
+    _held: dict[str, list] = {}  # root -> [count, handle]
+
+    def __init__(self, store: Store, timeout: float = 3600.0, lease_s: float = 600.0) -> None:
+        self.store, self.timeout, self.lease_s = store, timeout, lease_s
+
+    def __enter__(self) -> StoreLock:
+        key = self.store.uri if not self.store.is_local else self.store.root
+        held = StoreLock._held.get(key)
+        if held is not None:
+            held[0] += 1
+            return self
+        deadline = time.monotonic() + self.timeout
+        handle = self._acquire_local(deadline) if self.store.is_local else self._acquire_lease(
+            deadline)
+        StoreLock._held[key] = [1, handle]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        key = self.store.uri if not self.store.is_local else self.store.root
+        held = StoreLock._held[key]
+        held[0] -= 1
+        if held[0] == 0:
+            del StoreLock._held[key]
+            if self.store.is_local:
+                fcntl.flock(held[1], fcntl.LOCK_UN)
+                os.close(held[1])
+            else:
+                self.store.delete(LOCK_FILE)
+
+    def _acquire_local(self, deadline: float) -> int:
+        os.makedirs(self.store.root, exist_ok=True)
+        fd = os.open(os.path.join(self.store.root, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise StoreError(
+                        f"{self.store.location} is locked by another sisa-ray writer (a training "
+                        "or deletion in progress). Wait for it to finish and try again."
+                    ) from None
+                if not waited:
+                    log.info("waiting for the writer lock of %s", self.store.location)
+                    waited = True
+                time.sleep(0.05)
+
+    def _acquire_lease(self, deadline: float) -> None:
+        while True:
+            lease = json.dumps({"owner": uuid.uuid4().hex,
+                                "expires": time.time() + self.lease_s}).encode()
+            if self.store.create_exclusive(LOCK_FILE, lease):
+                return None
+            try:
+                current = self.store.read_json(LOCK_FILE)
+                if current.get("expires", 0) < time.time():
+                    self.store.delete(LOCK_FILE)  # the holder died: take over its lease
+                    continue
+            except StoreError:
+                continue
+            if time.monotonic() > deadline:
+                raise StoreError(
+                    f"{self.store.location} is locked by another sisa-ray writer; try again later."
+                )
+            time.sleep(0.5)
 
 
 def _fsync_dir(directory: str) -> None:

@@ -1,0 +1,354 @@
+"""``sisa-ray bench``: what exact unlearning saves, measured side by side in one run.
+
+For every (shards, slices) configuration it measures, on Ray actors:
+
+* ensemble training: wall time, the sum of per-shard training times and the parallel efficiency
+  ``sum / (wall * min(S, concurrent))``; actor start-up is reported apart (paid once);
+* ``K`` single-id deletion requests one at a time, and ``K`` ids in one batched request: wall
+  time, retrained sample-steps, and where the time goes (training, actor-side I/O, driver);
+* the naive baselines: retraining the whole ensemble from scratch, and one model on all data;
+* test accuracy of the ensemble (majority and soft vote) against the single model;
+* next to each measured speedup, the SISA cost model's expectation (:mod:`sisa_ray.core.cost`)
+  and the paper's ``S * 3R / (2R + 1)``.
+
+Plus the per-sample throughput of a shard actor against a plain PyTorch loop on the same model
+and batch size. Results go to CSV, JSON, plots and an MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .core.config import ShardingConfig, SISAConfig, TrainingConfig
+from .core.cost import expected_shards_touched, expected_speedup, paper_speedup
+from .core.data import SampleSet
+from .core.plan import epochs_per_step
+from .core.training import deterministic_torch, make_optimizer, seeded
+from .models import build_model
+
+log = logging.getLogger(__name__)
+
+PRESETS = {
+    "fast": dict(shards=[1, 2, 4, 8], slices=[1, 4], requests=8, repeats=1, epochs=5,
+                 max_train=10000),
+    "full": dict(shards=[1, 2, 4, 8, 16], slices=[1, 2, 4, 8], requests=16, repeats=3,
+                 epochs=10, max_train=None),
+}
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    dataset: str
+    model: str
+    shards: list[int]
+    slices: list[int]
+    requests: int
+    repeats: int
+    epochs: int
+    batch_size: int
+    max_train: int | None
+    mode: str
+    seed: int
+    data_dir: str | None = None
+
+
+def plain_loop_throughput(data: SampleSet, model_name: str, batch_size: int, epochs: int,
+                          seed: int = 0) -> float:
+    """Samples per second of a bare PyTorch training loop (1 thread, same model and optimiser)."""
+    training = TrainingConfig(model=model_name, batch_size=batch_size)
+    model = build_model(model_name, data.input_shape, data.n_classes, seed=seed)
+    opt = make_optimizer(model, training)
+    x = torch.from_numpy(np.array(data.features))
+    y = torch.from_numpy(np.array(data.labels))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    with deterministic_torch(1), seeded(seed, torch.device("cpu")):
+        for _ in range(epochs):
+            perm = torch.randperm(len(y), generator=gen)
+            for s in range(0, len(y), batch_size):
+                idx = perm[s:s + batch_size]
+                opt.zero_grad(set_to_none=True)
+                loss_fn(model(x[idx]), y[idx]).backward()
+                opt.step()
+    return len(y) * epochs / (time.perf_counter() - t0)
+
+
+def _fit(config: SISAConfig, train: SampleSet, test: SampleSet, store: str):
+    from .ensemble import SISAEnsemble
+
+    ens = SISAEnsemble(config, store=store)
+    t0 = time.perf_counter()
+    ens.fit(train, test)
+    wall = time.perf_counter() - t0 - ens.executor.startup_seconds
+    return ens, wall
+
+
+def run_config(spec: BenchSpec, train: SampleSet, test: SampleSet, s: int, r: int, repeat: int,
+               workdir: Path, cores: int) -> dict:
+    training = TrainingConfig(model=spec.model, epochs=spec.epochs, batch_size=spec.batch_size)
+    config = SISAConfig(sharding=ShardingConfig(n_shards=s, n_slices=r, seed=repeat),
+                        training=training)
+    ens, fit_wall = _fit(config, train, test, str(workdir / f"s{s}-r{r}-{repeat}"))
+    shard_sum = sum(x["train_seconds"] for x in ens.fit_results_)
+    concurrent = min(s, ens.executor.max_concurrent())
+    row = {
+        "shards": s, "slices": r, "repeat": repeat, "epochs": spec.epochs,
+        "epochs_per_step": list(epochs_per_step(training, r)),
+        "actor_startup_s": ens.executor.startup_seconds, "train_wall_s": fit_wall,
+        "train_shard_sum_s": shard_sum, "parallel_efficiency": shard_sum / (fit_wall * concurrent),
+        "acc_hard": ens.score(test, "hard"), "acc_soft": ens.score(test, "soft"),
+        "full_sample_steps": int(sum(x["sample_steps"] for x in ens.fit_results_)),
+    }
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, s, r, repeat]))
+    victims = rng.choice(train.ids, size=2 * spec.requests, replace=False)
+    if spec.mode in ("sequential", "both"):
+        walls, steps, actor, trained = [], [], [], []
+        for v in victims[: spec.requests]:
+            rep = ens.unlearn([int(v)])
+            walls.append(rep.wall_seconds)
+            steps.append(rep.retrained_sample_steps)
+            actor.append(sum(x.seconds for x in rep.shards))
+            trained.append(sum(x.train_seconds for x in rep.shards))
+        row.update({
+            "seq_delete_wall_s": float(np.mean(walls)),
+            "seq_delete_sample_steps": float(np.mean(steps)),
+            "seq_delete_train_s": float(np.mean(trained)),
+            "seq_delete_actor_io_s": float(np.mean(actor) - np.mean(trained)),
+            "seq_delete_driver_s": float(np.mean(walls) - np.mean(actor)),
+        })
+        row["seq_speedup_wall"] = fit_wall / row["seq_delete_wall_s"]
+        row["seq_speedup_steps"] = row["full_sample_steps"] / max(1.0, row["seq_delete_sample_steps"])
+    if spec.mode in ("batched", "both"):
+        rep = ens.unlearn(victims[spec.requests:].tolist())
+        row.update({
+            "batch_delete_wall_s": rep.wall_seconds,
+            "batch_delete_sample_steps": rep.retrained_sample_steps,
+            "batch_shards_touched": len(rep.shards),
+            "batch_speedup_wall": fit_wall / rep.wall_seconds,
+            "batch_speedup_steps": row["full_sample_steps"] / max(1, rep.retrained_sample_steps),
+        })
+    epochs = epochs_per_step(training, r)
+    row["expected_speedup_one"] = expected_speedup(s, epochs)
+    row["expected_speedup_batched"] = expected_speedup(s, epochs, spec.requests, batched=True)
+    row["expected_shards_touched"] = expected_shards_touched(s, spec.requests)
+    row["paper_speedup"] = paper_speedup(s, r)
+    # the naive baseline: retrain the whole ensemble from scratch on the remaining data
+    remaining = ens.retained_data()
+    ens.close()
+    retrain, retrain_wall = _fit(config, remaining, test, str(workdir / f"re-s{s}-r{r}-{repeat}"))
+    retrain.close()
+    row["retrain_ensemble_wall_s"] = retrain_wall
+    row["cores"] = cores
+    return row
+
+
+def run_bench(spec: BenchSpec, out: Path, mlflow_uri: str | None = None,
+              say=print) -> dict:
+    from .datasets import load_dataset
+    from .ensemble import SISAEnsemble
+    from .executor import ensure_ray
+
+    ensure_ray()
+    import ray
+
+    cores = int(ray.cluster_resources().get("CPU", 1))
+    train, test = load_dataset(spec.dataset, data_dir=spec.data_dir)
+    if spec.max_train is not None and spec.max_train < len(train):
+        rng = np.random.default_rng(spec.seed)
+        train = train.select_ids(rng.choice(train.ids, spec.max_train, replace=False))
+    say(f"[bench] {spec.dataset}: {len(train)} train, {len(test)} test, model {spec.model}, "
+        f"{cores} CPU(s)")
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="sisa-bench-") as tmp:
+        work = Path(tmp)
+        # the single model on all data, with every core (what a user would retrain naively)
+        training = TrainingConfig(model=spec.model, epochs=spec.epochs,
+                                  batch_size=spec.batch_size, threads=cores)
+        single = SISAEnsemble(
+            SISAConfig(sharding=ShardingConfig(n_shards=1, n_slices=1), training=training),
+            store=str(work / "single"), backend="local",
+        )
+        t0 = time.perf_counter()
+        single.fit(train, test)
+        single_wall = time.perf_counter() - t0
+        single_acc = single.score(test)
+        say(f"[bench] single model: {single_wall:.1f}s on {cores} threads, accuracy "
+            f"{single_acc:.4f}")
+        # throughput: one shard actor (S=1, R=1) vs a plain loop, same model and batch size
+        n_tp = min(len(train), 5000)
+        sub = train.take(np.arange(n_tp))
+        plain = plain_loop_throughput(sub, spec.model, spec.batch_size, 2)
+        one = SISAConfig(sharding=ShardingConfig(n_shards=1, n_slices=1),
+                         training=TrainingConfig(model=spec.model, epochs=2,
+                                                 batch_size=spec.batch_size))
+        ens, wall = _fit(one, sub, test, str(work / "throughput"))
+        actor_tp = n_tp * 2 / ens.fit_results_[0]["seconds"]
+        actor_tp_wall = n_tp * 2 / wall
+        ens.close()
+        say(f"[bench] throughput: plain loop {plain:.0f}/s, shard actor {actor_tp:.0f}/s "
+            f"({actor_tp / plain:.2f}x; {actor_tp_wall / plain:.2f}x with driver overheads)")
+        for s in spec.shards:
+            for r in spec.slices:
+                for rep in range(spec.repeats):
+                    row = run_config(spec, train, test, s, r, rep, work, cores)
+                    row.update({"single_acc": single_acc, "single_wall_s": single_wall})
+                    rows.append(row)
+                    say(_line(row))
+    summary = {
+        "spec": spec.__dict__, "cores": cores, "n_train": len(train),
+        "single_model": {"wall_s": single_wall, "acc": single_acc},
+        "throughput": {"plain_loop_per_s": plain, "actor_per_s": actor_tp,
+                       "ratio": actor_tp / plain, "ratio_with_driver": actor_tp_wall / plain},
+        "rows": rows,
+    }
+    files = _write(summary, out)
+    if mlflow_uri is not False:
+        _log_mlflow(summary, files, mlflow_uri)
+    return summary
+
+
+def _line(row: dict) -> str:
+    parts = [f"S={row['shards']:>2} R={row['slices']}",
+             f"train {row['train_wall_s']:6.1f}s (eff {row['parallel_efficiency']:.2f})",
+             f"acc hard {row['acc_hard']:.4f} soft {row['acc_soft']:.4f}"]
+    if "seq_delete_wall_s" in row:
+        parts.append(f"1-id delete {row['seq_delete_wall_s']:.2f}s: wall x{row['seq_speedup_wall']:.1f}"
+                     f", steps x{row['seq_speedup_steps']:.1f} (expect x{row['expected_speedup_one']:.1f})")
+    if "batch_delete_wall_s" in row:
+        parts.append(f"batch: wall x{row['batch_speedup_wall']:.1f}, steps "
+                     f"x{row['batch_speedup_steps']:.1f} (expect "
+                     f"x{row['expected_speedup_batched']:.1f})")
+    return "[bench] " + " | ".join(parts)
+
+
+def _write(summary: dict, out: Path) -> list[Path]:
+    rows = summary["rows"]
+    (out / "bench.json").write_text(json.dumps(summary, indent=1, default=float))
+    keys = sorted({k for r in rows for k in r})
+    with open(out / "bench.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()})
+    return [out / "bench.json", out / "bench.csv", *_plots(summary, out)]
+
+
+def _plots(summary: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .core.cost import expected_speedup as expect
+
+    rows = summary["rows"]
+    paths = []
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r in sorted({x["slices"] for x in rows}):
+        sel = sorted((x for x in rows if x["slices"] == r and "seq_speedup_wall" in x),
+                     key=lambda x: x["shards"])
+        if not sel:
+            continue
+        xs = [x["shards"] for x in sel]
+        line, = ax.plot(xs, [x["seq_speedup_wall"] for x in sel], "o-", label=f"R={r} wall")
+        ax.plot(xs, [x["seq_speedup_steps"] for x in sel], "s--", color=line.get_color(),
+                alpha=0.6, label=f"R={r} sample-steps")
+        ax.plot(xs, [x["expected_speedup_one"] for x in sel], ":", color=line.get_color(),
+                label=f"R={r} expected")
+    ax.set_xlabel("shards S")
+    ax.set_ylabel("speedup of one deletion vs full retrain")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "speedup_vs_shards.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ks = np.unique(np.geomspace(1, 4096, 40).astype(int))
+    for x in {(x["shards"], x["slices"]): x for x in rows}.values():
+        if x["shards"] == 1:
+            continue
+        sp = [expect(x["shards"], x["epochs_per_step"], int(k), batched=True) for k in ks]
+        line, = ax.plot(ks, sp, label=f"S={x['shards']} R={x['slices']} expected")
+        if "batch_speedup_steps" in x:
+            ax.plot([summary["spec"]["requests"]], [x["batch_speedup_steps"]], "o",
+                    color=line.get_color())
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("ids deleted in one batch (K)")
+    ax.set_ylabel("sample-step speedup vs full retrain")
+    ax.set_title("Batched deletions: SISA stops paying off where the curve meets 1")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    paths.append(out / "speedup_vs_requests.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r in sorted({x["slices"] for x in rows}):
+        sel = sorted((x for x in rows if x["slices"] == r), key=lambda x: x["shards"])
+        ax.plot([x["shards"] for x in sel], [x["acc_hard"] for x in sel], "o-",
+                label=f"R={r} majority")
+        ax.plot([x["shards"] for x in sel], [x["acc_soft"] for x in sel], "s--",
+                label=f"R={r} soft")
+    ax.axhline(summary["single_model"]["acc"], color="k", lw=0.8, label="single model")
+    ax.set_xlabel("shards S")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "accuracy_vs_shards.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def _log_mlflow(summary: dict, files: list[Path], uri: str | None) -> None:
+    import os
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    from tune.tracking import _clean, default_tracking_uri
+
+    mlflow.set_tracking_uri(uri or default_tracking_uri())
+    mlflow.set_experiment("sisa-ray-bench")
+    with mlflow.start_run(run_name=f"bench-{summary['spec']['dataset']}"):
+        mlflow.log_params({k: str(v) for k, v in summary["spec"].items()})
+        mlflow.log_metrics(_clean({
+            "single_acc": summary["single_model"]["acc"],
+            "throughput_ratio": summary["throughput"]["ratio"],
+        }))
+        for row in summary["rows"]:
+            with mlflow.start_run(run_name=f"S{row['shards']}-R{row['slices']}-{row['repeat']}",
+                                  nested=True):
+                mlflow.log_metrics(_clean(row))
+        for f in files:
+            mlflow.log_artifact(str(f))
+
+
+def spec_from_args(args: argparse.Namespace) -> BenchSpec:
+    preset = PRESETS[args.preset]
+
+    def ints(text, default):
+        return [int(t) for t in text.split(",")] if text else default
+
+    return BenchSpec(
+        dataset=args.dataset, model=args.model,
+        shards=ints(args.shards, preset["shards"]), slices=ints(args.slices, preset["slices"]),
+        requests=args.requests or preset["requests"], repeats=args.repeats or preset["repeats"],
+        epochs=args.epochs or preset["epochs"], batch_size=args.batch_size,
+        max_train=args.max_train if args.max_train is not None else preset["max_train"],
+        mode=args.mode, seed=args.seed, data_dir=args.data_dir,
+    )
