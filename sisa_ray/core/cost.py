@@ -48,10 +48,13 @@ def expected_speedup(n_shards: int, epochs: Sequence[float], requests: int = 1,
     if not batched or requests == 1:
         return n_shards * full / expected_shard_cost(epochs, 1)
     k, s = requests, n_shards
+    if s == 1:
+        return full / expected_shard_cost(epochs, k)
     per_shard = 0.0
-    for j in range(1, k + 1):
-        p = math.comb(k, j) * (1 / s) ** j * (1 - 1 / s) ** (k - j)
-        per_shard += p * expected_shard_cost(epochs, j)
+    for j in range(1, k + 1):  # P(j of the K ids in a given shard), in log space
+        log_p = (math.lgamma(k + 1) - math.lgamma(j + 1) - math.lgamma(k - j + 1)
+                 + j * math.log(1 / s) + (k - j) * math.log(1 - 1 / s))
+        per_shard += math.exp(log_p) * expected_shard_cost(epochs, j)
     return full / per_shard  # S shards each cost per_shard in expectation, vs S * full
 
 
