@@ -124,9 +124,13 @@ def cmd_train(args) -> int:
     )
     wall = time.perf_counter() - t0
     status = ens.status()
+    nodes = ens.executor.placement()
+    for entry, node in zip(status["shards"], nodes):
+        entry["node"] = node
     payload = {"store": ens.store_.location, "config_hash": status["config_hash"],
-               "wall_seconds": wall, "shards": status["shards"]}
-    lines = [f"Trained in {wall:.1f}s. Store: {ens.store_.location}"]
+               "wall_seconds": wall, "shards": status["shards"],
+               "nodes": len(set(nodes))}
+    lines = [f"Trained in {wall:.1f}s on {len(set(nodes))} node(s). Store: {ens.store_.location}"]
     if test is not None:
         acc = _accuracy_table(ens, test)
         payload["test_accuracy"] = acc

@@ -60,6 +60,9 @@ class LocalExecutor:
     def reload(self) -> list[int | None]:
         return [self._trainer(s).reload() for s in range(self._n_shards)]
 
+    def placement(self) -> list[str]:
+        return ["local"] * self._n_shards
+
     def predict_proba(self, features: np.ndarray) -> list[np.ndarray | None]:
         return [self._trainer(s).predict_proba(features) for s in range(self._n_shards)]
 
@@ -129,6 +132,15 @@ class RayExecutor:
         ray.get([a.ping.remote() for a in self._actors])
         self.startup_seconds = time.perf_counter() - t0
         log.info("%d shard actors ready in %.1fs", n_shards, self.startup_seconds)
+
+    def placement(self) -> list[str]:
+        """The Ray node id each shard actor runs on."""
+        import ray
+
+        def node_id(_self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+        return ray.get([a.__ray_call__.remote(node_id) for a in self._actors])
 
     def max_concurrent(self) -> int:
         import ray

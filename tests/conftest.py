@@ -7,6 +7,9 @@ import os
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# Every Ray process of the suite (the session instance, test clusters, driver subprocesses) must
+# agree on the auth mode; token auth buys nothing on a test machine.
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -42,5 +45,6 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # address="local": a fresh instance even while a test cluster from `ray start` runs
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
