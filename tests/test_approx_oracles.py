@@ -161,3 +161,24 @@ def test_forget_requests(digits):
         parse_request("random:1.5")
     with pytest.raises(ValueError, match="label 12 does not exist"):
         split_forget(train, ClassForget(label=12), seed=0)
+
+
+def test_pbu_loss_terms_by_hand():
+    from approx.methods.pbu import pbu_loss
+
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    star = {"weight": torch.tensor([[0.5, 0.0], [0.0, 1.0]])}
+    fisher = {"weight": torch.tensor([[2.0, 1.0], [1.0, 3.0]])}
+    x = torch.tensor([[1.0, 1.0]])
+    y = torch.tensor([0])
+    total, terms = pbu_loss(model, x, y, star, fisher, alpha=1.0, beta=0.5, gamma=0.1)
+    # logits (1, 2): log p(0) = 1 - log(e^1 + e^2)
+    log_p = 1.0 - math.log(math.exp(1) + math.exp(2))
+    fisher_term = 2.0 * 0.5 ** 2 + 3.0 * 1.0 ** 2  # only the diagonal entries moved
+    l2 = 0.5 ** 2 + 1.0 ** 2
+    assert terms["log_likelihood"].item() == pytest.approx(log_p)
+    assert terms["fisher"].item() == pytest.approx(fisher_term)
+    assert terms["l2"].item() == pytest.approx(l2)
+    assert total.item() == pytest.approx(log_p + 0.5 * fisher_term + 0.1 * l2)

@@ -44,6 +44,14 @@ SPACES: dict[str, dict[str, tuple[tuple, list]]] = {
         "beta": (("loguniform", 0.01, 1.0), [0.1, 0.5]),
         "lr": (("loguniform", 1e-3, 0.05), [0.01]),
     },
+    "pbu": {
+        "lr": (("loguniform", 1e-4, 1e-2), [1e-3]),
+        "gamma": (("loguniform", 1e-3, 1e-1), [1e-2, 1e-1]),
+    },
+    "adversarial": {
+        "lr": (("loguniform", 1e-4, 1e-2), [1e-3]),
+        "adv_weight": (("loguniform", 0.1, 10.0), [1.0, 3.0]),
+    },
     "twin_mu": {
         "lr": (("loguniform", 1e-3, 0.05), [0.005, 0.01]),
         "epochs": (("choice", [2, 5]), [5]),
