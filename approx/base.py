@@ -50,7 +50,7 @@ class UnlearningData:
             ids=np.concatenate([p.ids for p in parts]),
             features=np.concatenate([p.features for p in parts]),
             labels=np.concatenate([p.labels for p in parts]),
-            n_classes=parts[0].n_classes, name="train",
+            n_classes=parts[0].n_classes, name="train", task=parts[0].task,
         )
 
 
@@ -71,6 +71,7 @@ class MethodSpec:
     kinds: tuple[str, ...]
     needs: tuple[str, ...]
     reference: str
+    tasks: tuple[str, ...] = ("classification",)
 
     def default_config(self):
         return self.config_cls()
@@ -82,6 +83,7 @@ _REGISTRY: dict[str, MethodSpec] = {}
 def register(
     name: str, *, config: type, kinds: tuple[str, ...] = KINDS,
     needs: tuple[str, ...] = ("forget", "retain"), reference: str = "",
+    tasks: tuple[str, ...] = ("classification",),
 ) -> Callable[[Callable], Callable]:
     """Register a method under ``name``. Duplicate names are refused, never overwritten."""
     if not dataclasses.is_dataclass(config):
@@ -100,7 +102,8 @@ def register(
                 f"A method named {name!r} is already registered "
                 f"({_REGISTRY[name].fn.__module__}). Choose another name."
             )
-        _REGISTRY[name] = MethodSpec(name, fn, config, tuple(kinds), tuple(needs), reference)
+        _REGISTRY[name] = MethodSpec(name, fn, config, tuple(kinds), tuple(needs), reference,
+                                     tuple(tasks))
         return fn
 
     return deco
@@ -146,6 +149,13 @@ def run_method(
         )
     if not isinstance(data, UnlearningData):
         raise TypeError(f"data must be an UnlearningData. Got {type(data).__name__}.")
+    part = data.forget if data.forget is not None else data.retain
+    task = part.task if part is not None else "classification"
+    if task not in spec.tasks:
+        raise ValueError(
+            f"Method {name!r} does not support {task}; it supports {list(spec.tasks)}. "
+            "Choose another method for this task."
+        )
     kind = data.request.kind
     if kind not in spec.kinds:
         raise ValueError(

@@ -62,7 +62,8 @@ def stack(*parts: tuple[SampleSet, np.ndarray | int]) -> tuple[np.ndarray, np.nd
         if samples is None or len(samples) == 0:
             continue
         xs.append(samples.features)
-        ys.append(samples.labels if labels is None else np.asarray(labels, dtype=np.int64))
+        ys.append(samples.labels if labels is None else np.asarray(labels,
+                                                                    dtype=samples.labels.dtype))
         rs.append(np.full(len(samples), role, dtype=np.int64))
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(rs)
 
@@ -89,7 +90,8 @@ def train(
     if n == 0 or cfg.epochs == 0:
         return model
     x = torch.from_numpy(np.array(features, dtype=np.float32)).to(device)
-    y = torch.from_numpy(np.array(labels, dtype=np.int64)).to(device)
+    regression = np.issubdtype(np.asarray(labels).dtype, np.floating)
+    y = torch.from_numpy(np.array(labels, dtype=np.float32 if regression else np.int64)).to(device)
     r = torch.from_numpy(np.array(roles, dtype=np.int64)).to(device)
     gen = torch.Generator().manual_seed(seed)
     opt = make_optimizer(model, cfg)
@@ -113,6 +115,10 @@ def train(
 
 
 def cross_entropy(model: nn.Module, x, y, r) -> torch.Tensor:
+    """The supervised loss: cross-entropy, or mean squared error when the labels are floats
+    (regression, one output)."""
+    if y.is_floating_point():
+        return nn.functional.mse_loss(model(x).squeeze(1), y)
     return nn.functional.cross_entropy(model(x), y)
 
 

@@ -161,6 +161,40 @@ def challenge_score(f: float, retain_acc: float, retain_acc_gold: float, test_ac
     return float(f * (retain_acc / retain_acc_gold) * (test_acc / test_acc_gold))
 
 
+# -- regression (age estimation and the like) ------------------------------------------------------
+
+
+@torch.no_grad()
+def predictions(model: nn.Module, data: SampleSet, device="cpu") -> np.ndarray:
+    """A regression model's single output per sample."""
+    return logits(model, data, device)[:, 0]
+
+
+def mae(model: nn.Module, data: SampleSet, device="cpu") -> float:
+    return float(np.abs(predictions(model, data, device) - data.labels).mean())
+
+
+def utility_score(mae_gold_test: float, mae_model_test: float) -> float:
+    """``MAE_gold / MAE_model`` on the test set (1 = as good as the gold model)."""
+    return float(mae_gold_test / mae_model_test)
+
+
+def forgetting_score(err_gold: np.ndarray, err_model: np.ndarray, alpha: float = 15.0) -> float:
+    """Mean over forget samples of ``exp(-|err_gold - err_model| / alpha)``, where ``err`` are the
+    models' absolute errors on each forget sample (1 = errs exactly like the gold model)."""
+    diff = np.abs(np.asarray(err_gold, np.float64) - np.asarray(err_model, np.float64))
+    return float(np.exp(-diff / alpha).mean())
+
+
+def regression_scores(model: nn.Module, gold: nn.Module, forget: SampleSet, test: SampleSet,
+                      alpha: float = 15.0, device="cpu") -> dict[str, float]:
+    """Utility, forgetting and their product (the combined score)."""
+    u = utility_score(mae(gold, test, device), mae(model, test, device))
+    f = forgetting_score(np.abs(predictions(gold, forget, device) - forget.labels),
+                         np.abs(predictions(model, forget, device) - forget.labels), alpha)
+    return {"utility": u, "forgetting": f, "combined": u * f}
+
+
 # -- the whole report ------------------------------------------------------------------------------
 
 

@@ -78,9 +78,18 @@ def _open(args):
 
 
 def _accuracy_table(ens, test) -> dict:
-    from .core.aggregation import aggregate
+    from .core.aggregation import aggregate, aggregate_regression
 
     probs, active = ens.shard_proba(test.features)
+    if test.task == "regression":
+        def mae(pred):
+            return float(np.abs(pred - test.labels).mean())
+
+        return {
+            "mae_mean": mae(aggregate_regression(probs, active, "mean")),
+            "mae_median": mae(aggregate_regression(probs, active, "median")),
+            "shards": [None if not a else mae(p[:, 0]) for p, a in zip(probs, active)],
+        }
     hard = aggregate(probs, active, "hard")[0]
     soft = aggregate(probs, active, "soft")[0]
     per_shard = [
@@ -133,15 +142,19 @@ def cmd_train(args) -> int:
     lines = [f"Trained in {wall:.1f}s on {len(set(nodes))} node(s). Store: {ens.store_.location}"]
     if test is not None:
         acc = _accuracy_table(ens, test)
-        payload["test_accuracy"] = acc
+        regression = test.task == "regression"
+        payload["test_mae" if regression else "test_accuracy"] = acc
         lines.append(
+            f"Test MAE: mean of shards {acc['mae_mean']:.4f}, median {acc['mae_median']:.4f}"
+            if regression else
             f"Test accuracy: majority vote {acc['ensemble_hard']:.4f}, "
             f"soft vote {acc['ensemble_soft']:.4f}"
         )
         for s, a in enumerate(acc["shards"]):
             n = status["shards"][s]["n_samples"]
+            what = "MAE" if regression else "accuracy"
             lines.append(f"  shard {s:>3}: {n:>6} samples  "
-                         + ("abstains" if a is None else f"accuracy {a:.4f}"))
+                         + ("abstains" if a is None else f"{what} {a:.4f}"))
     _emit(args, payload, "\n".join(lines))
     ens.close()
     return 0
@@ -224,10 +237,17 @@ def cmd_predict(args) -> int:
     x = x.reshape(n, -1) if n else x.reshape(0, -1)
     ens = _open(args)
     probs, active = ens.shard_proba(x)
-    pred, agg = aggregate(probs, active, args.vote)
+    if ens.task_ == "regression":  # one output per shard: mean (or --vote median) of them
+        from .core.aggregation import aggregate_regression
+
+        how = "median" if args.vote == "median" else "mean"
+        pred = aggregate_regression(probs, active, how)
+        agg = pred[:, None]
+    else:
+        pred, agg = aggregate(probs, active, args.vote)
     out = pa.table({
         "id": table.column("id"),
-        "prediction": pa.array(pred.astype(np.int64)),
+        "prediction": pa.array(pred if ens.task_ == "regression" else pred.astype(np.int64)),
         "proba": pa.array(list(agg), type=pa.list_(pa.float64())),
         "shard_proba": pa.array(
             [[probs[s, i].tolist() if active[s] else None for s in range(len(active))]
@@ -239,10 +259,14 @@ def cmd_predict(args) -> int:
     payload = {"output": os.path.abspath(args.output), "rows": n, "vote": args.vote,
                "abstaining_shards": np.flatnonzero(~active).tolist()}
     text = f"Wrote {n} predictions ({args.vote} vote) to {args.output}"
-    if "label" in table.column_names:
-        acc = float((pred == table.column("label").to_numpy()).mean()) if n else float("nan")
-        payload["accuracy"] = acc
-        text += f"; accuracy against 'label': {acc:.4f}"
+    if "label" in table.column_names and n:
+        truth = table.column("label").to_numpy()
+        if ens.task_ == "regression":
+            payload["mae"] = float(np.abs(pred - truth).mean())
+            text += f"; MAE against 'label': {payload['mae']:.4f}"
+        else:
+            payload["accuracy"] = float((pred == truth).mean())
+            text += f"; accuracy against 'label': {payload['accuracy']:.4f}"
     _emit(args, payload, text)
     ens.close()
     return 0
@@ -377,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a SISA ensemble into a store")
     _add_common(p)
     p.add_argument("--dataset", default="digits",
-                   help="digits | fashion-mnist | mnist | cifar10 | parquet:PATH")
+                   help="digits | diabetes | fashion-mnist | mnist | cifar10 | parquet:PATH")
     p.add_argument("--test", default=None, help="parquet:PATH test split for parquet data")
     p.add_argument("--data-dir", default=None, help="where local dataset files are")
     p.add_argument("--download", action="store_true", help="allow torchvision to download")
@@ -403,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--input", required=True, help="Parquet with 'id' and 'features'")
     p.add_argument("--output", required=True, help="Parquet to write")
-    p.add_argument("--vote", choices=["hard", "soft"], default="hard")
+    p.add_argument("--vote", choices=["hard", "soft", "mean", "median"], default="hard",
+                   help="classification: hard (majority) or soft; regression: mean or median")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("status", help="show config, shards and ledger")

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from .core.data import SampleSet
 
-DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "parquet:PATH")
+DATASETS = ("digits", "diabetes", "fashion-mnist", "mnist", "cifar10", "parquet:PATH")
 DEBIAN_FASHION_MNIST = (
     "/usr/share/dataset-fashion-mnist",
     "/usr/share/fashion-mnist",
@@ -53,6 +53,27 @@ def load_digits() -> tuple[SampleSet, SampleSet]:
     return (
         SampleSet(ids=tr, features=x[tr], labels=y[tr], n_classes=10, name="digits"),
         SampleSet(ids=te, features=x[te], labels=y[te], n_classes=10, name="digits-test"),
+    )
+
+
+def load_diabetes() -> tuple[SampleSet, SampleSet]:
+    """scikit-learn's bundled diabetes data (442 patients, 10 features, a disease-progression
+    score): a regression task. Features as scikit-learn ships them (mean-centred and scaled once,
+    over the whole bundled set, so a deletion does not change them); a fixed 80/20 split."""
+    from sklearn.datasets import load_diabetes as _load
+    from sklearn.model_selection import train_test_split
+
+    bunch = _load()
+    x = bunch.data.astype(np.float32)
+    y = bunch.target.astype(np.float32)
+    ids = np.arange(len(y), dtype=np.int64)
+    tr, te = train_test_split(ids, test_size=0.2, random_state=0)
+    tr, te = np.sort(tr), np.sort(te)
+    return (
+        SampleSet(ids=tr, features=x[tr], labels=y[tr], n_classes=1, name="diabetes",
+                  task="regression"),
+        SampleSet(ids=te, features=x[te], labels=y[te], n_classes=1, name="diabetes-test",
+                  task="regression"),
     )
 
 
@@ -169,10 +190,13 @@ def read_parquet(path: str, n_classes: int | None = None, name: str | None = Non
             f"{path}: missing column(s) {missing}. Expected columns 'id' (int64, unique), "
             f"'label' (int64) and 'features' (list<float32>); found {table.column_names}."
         )
+    regression = pa.types.is_floating(table.schema.field("label").type)
     for col in ("id", "label"):
         typ = table.schema.field(col).type
-        if not pa.types.is_integer(typ):
-            raise ValueError(f"{path}: column '{col}' must be int64. Found {typ}.")
+        if not pa.types.is_integer(typ) and not (col == "label" and regression):
+            raise ValueError(f"{path}: column '{col}' must be int64"
+                             + (" (or float for a regression label)" if col == "label" else "")
+                             + f". Found {typ}.")
         if table.column(col).null_count:
             raise ValueError(f"{path}: column '{col}' has null values; every row needs one.")
     feats = table.column("features").combine_chunks()
@@ -198,6 +222,9 @@ def read_parquet(path: str, n_classes: int | None = None, name: str | None = Non
             f"{path}: 'features' contains NaN or infinite values (ids, first 10: {bad}). "
             "Impute or drop those rows."
         )
+    if regression:
+        return SampleSet(ids=ids, features=x, labels=table.column("label").to_numpy(),
+                         n_classes=1, name=name or Path(path).stem, task="regression")
     labels = table.column("label").to_numpy().astype(np.int64)
     if n_classes is None:
         n_classes = max(2, int(labels.max()) + 1) if len(labels) else 2
@@ -214,6 +241,8 @@ def load_dataset(
     """Return ``(train, test)`` for a dataset name as the CLI takes it."""
     if name == "digits":
         return load_digits()
+    if name == "diabetes":
+        return load_diabetes()
     if name == "fashion-mnist":
         return load_fashion_mnist(data_dir, download)
     if name in ("mnist", "cifar10"):
@@ -227,10 +256,12 @@ def load_dataset(
         train = read_parquet(name[len("parquet:"):])
         if test_set is not None:
             n_classes = max(train.n_classes, test_set.n_classes)
-            train = SampleSet(ids=train.ids, features=train.features, labels=train.labels,
-                              n_classes=n_classes, name=train.name)
-            test_set = SampleSet(ids=test_set.ids, features=test_set.features,
-                                 labels=test_set.labels, n_classes=n_classes, name=test_set.name)
+            if train.task == "classification":
+                train = SampleSet(ids=train.ids, features=train.features, labels=train.labels,
+                                  n_classes=n_classes, name=train.name)
+                test_set = SampleSet(ids=test_set.ids, features=test_set.features,
+                                     labels=test_set.labels, n_classes=n_classes,
+                                     name=test_set.name)
         return train, test_set
     raise ValueError(f"Unknown dataset {name!r}. Known datasets: {list(DATASETS)}.")
 
@@ -240,7 +271,8 @@ def write_parquet(samples: SampleSet, path: str) -> None:
     flat = samples.features.reshape(len(samples), -1)
     table = pa.table({
         "id": pa.array(samples.ids, pa.int64()),
-        "label": pa.array(samples.labels, pa.int64()),
+        "label": pa.array(samples.labels,
+                          pa.float64() if samples.task == "regression" else pa.int64()),
         "features": pa.array(list(flat), type=pa.list_(pa.float32())),
     })
     pq.write_table(table, path)

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from .core.aggregation import aggregate
+from .core.aggregation import aggregate, aggregate_regression
 from .core.checkpoint import Checkpoint, sha256, states_identical
 from .core.config import ResourceConfig, SISAConfig
 from .core.data import SampleSet
@@ -203,7 +203,7 @@ class SISAEnsemble:
             )
         if len(data) == 0:
             raise ValueError("fit got an empty training set; give at least one sample.")
-        if test is not None and test.n_classes != data.n_classes:
+        if test is not None and (test.n_classes != data.n_classes or test.task != data.task):
             raise ValueError(
                 f"The test set has n_classes={test.n_classes} but the training set has "
                 f"{data.n_classes}; they must match."
@@ -228,7 +228,7 @@ class SISAEnsemble:
             "config": config.to_dict(),
             "config_hash": config.config_hash(),
             "dataset": {
-                "name": data.name, "n_classes": data.n_classes,
+                "name": data.name, "n_classes": data.n_classes, "task": data.task,
                 "input_shape": list(data.input_shape), "n_train": len(data),
                 "n_test": 0 if test is None else len(test), "fingerprint": fingerprint,
             },
@@ -372,16 +372,34 @@ class SISAEnsemble:
             raise ValueError("Features contain NaN or infinite values; clean them first.")
         return x
 
+    @property
+    def task_(self) -> str:
+        self._check_fitted()
+        return self.meta_["dataset"].get("task", "classification")
+
     def predict_proba(self, features: np.ndarray, vote: str | None = None) -> np.ndarray:
+        if self.task_ == "regression":
+            raise ValueError("predict_proba is for classification; this ensemble does "
+                             "regression. Use predict().")
         probs, active = self.shard_proba(features)
         return aggregate(probs, active, vote or self.vote)[1]
 
     def predict(self, features: np.ndarray, vote: str | None = None) -> np.ndarray:
+        """Classes by majority (``vote="hard"``) or soft vote; for regression the mean (default)
+        or ``vote="median"`` of the shards' predictions."""
         probs, active = self.shard_proba(features)
+        if self.task_ == "regression":
+            how = vote if vote in ("mean", "median") else (
+                self.vote if self.vote in ("mean", "median") else "mean")
+            return aggregate_regression(probs, active, how)
         return aggregate(probs, active, vote or self.vote)[0]
 
     def score(self, data: SampleSet, vote: str | None = None) -> float:
-        return float((self.predict(data.features, vote) == data.labels).mean())
+        """Accuracy (classification) or mean absolute error (regression)."""
+        pred = self.predict(data.features, vote)
+        if self.task_ == "regression":
+            return float(np.abs(pred - data.labels).mean())
+        return float((pred == data.labels).mean())
 
     def test_data(self) -> SampleSet | None:
         self._check_fitted()
@@ -564,7 +582,7 @@ class SISAEnsemble:
         retained = self.retained_data()
         retained = SampleSet(
             ids=retained.ids, features=retained.features, labels=retained.labels,
-            n_classes=retained.n_classes, name=self.meta_["dataset"]["name"],
+            n_classes=retained.n_classes, name=self.meta_["dataset"]["name"], task=retained.task,
         )
         tmp = None
         if work_store is None:

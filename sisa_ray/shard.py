@@ -85,6 +85,7 @@ class ShardTrainer:
         self.config_hash = meta["config_hash"]
         self.input_shape = tuple(meta["dataset"]["input_shape"])
         self.n_classes = int(meta["dataset"]["n_classes"])
+        self.task = meta["dataset"].get("task", "classification")
         torch.set_num_threads(self.config.training.threads)
         # A first optimizer import pulls in torch._dynamo (seconds of CPU). Pay it at start-up,
         # once per process, rather than inside the first (timed) training job.
@@ -121,7 +122,7 @@ class ShardTrainer:
                 raise StoreError(f"Shard {self.shard} has no trained model yet. Run fit first.")
             return None
         with deterministic_torch(self.config.training.threads):
-            return predict_proba(self._live, features, self.device)
+            return predict_proba(self._live, features, self.device, task=self.task)
 
     def live_version(self) -> int | None:
         return self._live_version
@@ -202,7 +203,7 @@ class ShardTrainer:
             for res in train_steps(
                 model, optimizer, samples.features, samples.labels, samples.ids, slice_of,
                 sharding=sharding, training=training, shard=self.shard,
-                start_step=job.start_step, device=self.device,
+                start_step=job.start_step, device=self.device, task=self.task,
             ):
                 total_steps += res.sample_steps
                 ckpt = Checkpoint(

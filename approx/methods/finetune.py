@@ -24,6 +24,7 @@ class FinetuneConfig(LoopConfig):
 
 @register(
     "finetune", config=FinetuneConfig, needs=("retain",),
+    tasks=("classification", "regression"),
     reference="NeurIPS 2023 Machine Unlearning challenge starting kit (Triantafillou et al.)",
 )
 def finetune(model, data, config: FinetuneConfig, device, seed):

@@ -16,6 +16,12 @@ def random_wrong_labels(labels: np.ndarray, n_classes: int, rng: np.random.Gener
     return (labels + shift) % n_classes
 
 
+def shifted_targets(y: np.ndarray, lo: float, hi: float, rng: np.random.Generator) -> np.ndarray:
+    """Regression "random labels": each target moved by U(lo, hi), up or down at random."""
+    sign = rng.choice([-1.0, 1.0], size=len(y))
+    return (y + sign * rng.uniform(lo, hi, size=len(y))).astype(y.dtype)
+
+
 @dataclass(frozen=True, kw_only=True)
 class RandomLabelsConfig(LoopConfig):
     """Amnesiac unlearning relabels the forget set at random and trains on it mixed with the
@@ -28,22 +34,31 @@ class RandomLabelsConfig(LoopConfig):
     weight_decay: float = 0.0
     batch_size: int = 128
     retain_fraction: float = 1.0
+    # regression: the target moves by U(shift_min, shift_max) up or down (e.g. 3-6 years of age)
+    shift_min: float = 3.0
+    shift_max: float = 6.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0 <= self.shift_min <= self.shift_max:
+            raise ValueError("RandomLabelsConfig needs 0 <= shift_min <= shift_max. Got "
+                             f"{self.shift_min!r} and {self.shift_max!r}.")
         if not 0 < self.retain_fraction <= 1:
             raise ValueError("The 'retain_fraction' parameter of RandomLabelsConfig must be in "
                              f"(0, 1]. Got {self.retain_fraction!r} instead.")
 
 
 @register(
-    "random_labels", config=RandomLabelsConfig,
+    "random_labels", config=RandomLabelsConfig, tasks=("classification", "regression"),
     reference="Graves et al., Amnesiac Machine Learning, AAAI 2021",
 )
 def random_labels(model, data, config: RandomLabelsConfig, device, seed):
     """Fine-tune on the forget set with wrong random labels, with the retain set mixed in."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xA11]))
-    wrong = random_wrong_labels(data.forget.labels, data.forget.n_classes, rng)
+    if data.forget.task == "regression":
+        wrong = shifted_targets(data.forget.labels, config.shift_min, config.shift_max, rng)
+    else:
+        wrong = random_wrong_labels(data.forget.labels, data.forget.n_classes, rng)
     retain = data.retain
     if config.retain_fraction < 1:
         keep = rng.choice(len(retain), size=max(1, int(config.retain_fraction * len(retain))),

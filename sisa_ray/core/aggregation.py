@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 VOTES = ("hard", "soft")
+REGRESSION_AGGREGATES = ("mean", "median")
 
 
 def _active(shard_probs: np.ndarray, active: np.ndarray | None) -> np.ndarray:
@@ -64,3 +65,20 @@ def aggregate(
         return counts.argmax(axis=1), counts / counts.sum(axis=1, keepdims=True)
     proba = soft_vote_proba(shard_probs, active)
     return proba.argmax(axis=1), proba
+
+
+def aggregate_regression(
+    shard_outputs: np.ndarray, active: np.ndarray | None = None, how: str = "mean"
+) -> np.ndarray:
+    """Regression: the mean (default) or median of the active shards' predictions.
+
+    ``shard_outputs`` has shape (n_shards, n_samples) or (n_shards, n_samples, 1).
+    """
+    if how not in REGRESSION_AGGREGATES:
+        raise ValueError(f"The regression aggregate must be one of {list(REGRESSION_AGGREGATES)}."
+                         f" Got {how!r}.")
+    out = np.asarray(shard_outputs, dtype=np.float64)
+    if out.ndim == 3:
+        out = out[..., 0]
+    out = _active(out[..., None], active)[..., 0]
+    return out.mean(axis=0) if how == "mean" else np.median(out, axis=0)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+TASKS = ("classification", "regression")
+
 
 @dataclass(frozen=True, eq=False)
 class SampleSet:
@@ -22,10 +24,12 @@ class SampleSet:
     ----------
     ids : int64 array, shape (N,), unique
     features : float32 array, shape (N, *input_shape)
-    labels : int64 array, shape (N,), each in ``[0, n_classes)``
-    n_classes : number of classes the models output (fixed by the original dataset, so a deletion
-        that removes a whole class does not change the architecture)
+    labels : classification: int64 array, shape (N,), each in ``[0, n_classes)``;
+        regression: float array, shape (N,), finite
+    n_classes : number of model outputs: the classes (fixed by the original dataset, so a deletion
+        that removes a whole class does not change the architecture), or 1 for regression
     name : where the samples came from, for reports
+    task : ``"classification"`` or ``"regression"``
     """
 
     ids: np.ndarray
@@ -33,6 +37,7 @@ class SampleSet:
     labels: np.ndarray
     n_classes: int
     name: str = "samples"
+    task: str = "classification"
 
     def __post_init__(self) -> None:
         ids = np.asarray(self.ids)
@@ -64,15 +69,34 @@ class SampleSet:
                 f"{self.name}: 'features' contains NaN or infinite values (ids, first 10: "
                 f"{bad_rows}). Impute or drop those rows before training."
             )
+        if self.task not in TASKS:
+            raise ValueError(f"{self.name}: 'task' must be one of {list(TASKS)}. "
+                             f"Got {self.task!r}.")
         if isinstance(self.n_classes, bool) or not isinstance(self.n_classes, (int, np.integer)):
             raise TypeError(f"{self.name}: 'n_classes' must be an int. Got {self.n_classes!r}.")
-        if self.n_classes < 2:
-            raise ValueError(f"{self.name}: 'n_classes' must be >= 2. Got {self.n_classes}.")
         labels = np.asarray(self.labels)
         if labels.shape != ids.shape:
             raise ValueError(
                 f"{self.name}: 'labels' has shape {labels.shape}; expected ({ids.size},)."
             )
+        if self.task == "regression":
+            if self.n_classes != 1:
+                raise ValueError(f"{self.name}: regression has one output; 'n_classes' must be "
+                                 f"1. Got {self.n_classes}.")
+            if labels.size and not np.issubdtype(labels.dtype, np.number):
+                raise TypeError(f"{self.name}: regression labels must be numbers. Got dtype "
+                                f"{labels.dtype}.")
+            labels = labels.astype(np.float32)
+            if not np.isfinite(labels).all():
+                raise ValueError(f"{self.name}: regression labels contain NaN or infinity (ids "
+                                 f"{ids[~np.isfinite(labels)][:10].tolist()}). Drop those rows.")
+            object.__setattr__(self, "ids", ids)
+            object.__setattr__(self, "features", feats)
+            object.__setattr__(self, "labels", labels)
+            object.__setattr__(self, "n_classes", 1)
+            return
+        if self.n_classes < 2:
+            raise ValueError(f"{self.name}: 'n_classes' must be >= 2. Got {self.n_classes}.")
         if labels.size and not np.issubdtype(labels.dtype, np.integer):
             raise TypeError(
                 f"{self.name}: 'labels' must be integer class indices. Got dtype {labels.dtype}."
@@ -105,6 +129,7 @@ class SampleSet:
             labels=self.labels[index],
             n_classes=self.n_classes,
             name=self.name,
+            task=self.task,
         )
 
     def select_ids(self, ids: np.ndarray) -> SampleSet:
@@ -119,6 +144,8 @@ class SampleSet:
         order = np.argsort(self.ids, kind="stable")
         h = hashlib.sha256()
         h.update(repr((self.input_shape, self.n_classes)).encode())
+        if self.task != "classification":  # classification digests stay as they were
+            h.update(self.task.encode())
         h.update(self.ids[order].tobytes())
         h.update(self.labels[order].tobytes())
         h.update(self.features[order].tobytes())
@@ -134,9 +161,11 @@ class SampleSet:
             b"sisa_ray.n_classes": str(self.n_classes).encode(),
             b"sisa_ray.input_shape": ",".join(map(str, self.input_shape)).encode(),
             b"sisa_ray.name": self.name.encode(),
+            b"sisa_ray.task": self.task.encode(),
         }
+        label_type = pa.float64() if self.task == "regression" else pa.int64()
         table = pa.table(
-            {"id": pa.array(self.ids, pa.int64()), "label": pa.array(self.labels, pa.int64()),
+            {"id": pa.array(self.ids, pa.int64()), "label": pa.array(self.labels, label_type),
              "features": feats}
         )
         return table.replace_schema_metadata(meta)
@@ -149,10 +178,13 @@ class SampleSet:
         n = table.num_rows
         feats_col = table.column("features").combine_chunks()
         flat = np.asarray(feats_col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+        task = meta.get(b"sisa_ray.task", b"classification").decode()
+        labels = table.column("label").to_numpy()
         return cls(
             ids=table.column("id").to_numpy().astype(np.int64),
             features=flat.reshape((n, *shape)),
-            labels=table.column("label").to_numpy().astype(np.int64),
+            labels=labels.astype(np.float32 if task == "regression" else np.int64),
             n_classes=int(meta[b"sisa_ray.n_classes"].decode()),
             name=meta.get(b"sisa_ray.name", b"samples").decode(),
+            task=task,
         )

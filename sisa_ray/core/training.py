@@ -26,6 +26,14 @@ _INIT_TAG = 0x1417
 _STEP_TAG = 0x57E9
 
 
+def supervised_loss(task: str):
+    """Cross-entropy for classification; mean squared error on the single output for regression."""
+    if task == "regression":
+        mse = nn.MSELoss()
+        return lambda out, y: mse(out.squeeze(1), y)
+    return nn.CrossEntropyLoss()
+
+
 @contextlib.contextmanager
 def deterministic_torch(threads: int) -> Iterator[None]:
     """Deterministic kernels and a fixed intra-op thread count, restored on exit."""
@@ -89,6 +97,7 @@ def train_steps(
     shard: int,
     start_step: int,
     device: torch.device,
+    task: str = "classification",
 ) -> Iterator[StepResult]:
     """Train steps ``start_step..R-1`` in place, yielding after each so the caller checkpoints.
 
@@ -98,8 +107,10 @@ def train_steps(
     epochs = epochs_per_step(training, sharding.n_slices)
     # from_numpy needs writable memory; Arrow-backed arrays are read-only.
     x_all = torch.from_numpy(np.array(features, dtype=np.float32)).to(device)
-    y_all = torch.from_numpy(np.array(labels, dtype=np.int64)).to(device)
-    loss_fn = nn.CrossEntropyLoss()
+    regression = task == "regression"
+    y_all = torch.from_numpy(np.array(labels, dtype=np.float32 if regression else np.int64))
+    y_all = y_all.to(device)
+    loss_fn = supervised_loss(task)
     bs = training.batch_size
     for step in range(start_step, sharding.n_slices):
         t0 = time.perf_counter()
@@ -136,15 +147,18 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def predict_proba(
-    model: nn.Module, features: np.ndarray, device: torch.device, batch_size: int = 1024
+    model: nn.Module, features: np.ndarray, device: torch.device, batch_size: int = 1024,
+    task: str = "classification",
 ) -> np.ndarray:
-    """Softmax probabilities, float64, shape (N, n_classes)."""
+    """Softmax probabilities, float64, shape (N, n_classes); for regression the raw output,
+    shape (N, 1)."""
     model.eval()
     out = []
     x = torch.from_numpy(np.array(features, dtype=np.float32))
     for start in range(0, x.shape[0], batch_size):
         logits = model(x[start:start + batch_size].to(device))
-        out.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
+        out.append((logits.double() if task == "regression"
+                    else torch.softmax(logits.double(), dim=1)).cpu().numpy())
     if not out:
         return np.zeros((0, 0))
     return np.concatenate(out)
