@@ -43,6 +43,9 @@ def accuracy(model: nn.Module, data: SampleSet | None, device="cpu") -> float:
 
 
 def per_sample_loss(model: nn.Module, data: SampleSet, device="cpu") -> np.ndarray:
+    """Cross-entropy per sample; squared error for regression."""
+    if data.task == "regression":
+        return (logits(model, data, device)[:, 0] - data.labels) ** 2
     z = torch.from_numpy(logits(model, data, device))
     y = torch.from_numpy(np.array(data.labels, dtype=np.int64))
     return nn.functional.cross_entropy(z, y, reduction="none").numpy()
@@ -212,6 +215,13 @@ class Evaluation:
     activation_distance: float = float("nan")
     js_divergence: float = float("nan")
     time_ratio: float = float("nan")
+    # regression
+    retain_mae: float = float("nan")
+    forget_mae: float = float("nan")
+    test_mae: float = float("nan")
+    utility: float = float("nan")
+    forgetting: float = float("nan")
+    combined: float = float("nan")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -223,7 +233,11 @@ def evaluate(
     gold_eval: Evaluation | None = None, device="cpu", seed: int = 0,
 ) -> Evaluation:
     """All single-model metrics, and the gaps to ``gold`` when given (``gold_eval`` caches the
-    gold model's own numbers)."""
+    gold model's own numbers). Regression gets MAEs, the MIA on squared errors, and the utility,
+    forgetting and combined scores against the gold model."""
+    if forget.task == "regression":
+        return _evaluate_regression(model, forget, retain, test, seconds, gold, gold_eval,
+                                    device, seed)
     ev = Evaluation(
         retain_acc=accuracy(model, retain, device), forget_acc=accuracy(model, forget, device),
         test_acc=accuracy(model, test, device),
@@ -240,6 +254,28 @@ def evaluate(
         p, q = softmax(logits(model, forget, device)), softmax(logits(gold, forget, device))
         ev.activation_distance = activation_distance(p, q)
         ev.js_divergence = js_divergence(p, q)
+        if g.seconds == g.seconds and g.seconds > 0:
+            ev.time_ratio = seconds / g.seconds
+    return ev
+
+
+def _evaluate_regression(model, forget, retain, test, seconds, gold, gold_eval, device,
+                         seed) -> Evaluation:
+    nan = float("nan")
+    ev = Evaluation(
+        retain_acc=nan, forget_acc=nan, test_acc=nan,
+        mia=mia_accuracy(per_sample_loss(model, forget, device),
+                         per_sample_loss(model, test, device), seed=seed),
+        seconds=seconds, retain_mae=mae(model, retain, device),
+        forget_mae=mae(model, forget, device), test_mae=mae(model, test, device),
+    )
+    if gold is not None:
+        g = gold_eval or _evaluate_regression(gold, forget, retain, test, nan, None, None,
+                                              device, seed)
+        ev.mia_gap = ev.mia - g.mia
+        scores = regression_scores(model, gold, forget, test, device=device)
+        ev.utility, ev.forgetting, ev.combined = (scores["utility"], scores["forgetting"],
+                                                  scores["combined"])
         if g.seconds == g.seconds and g.seconds > 0:
             ev.time_ratio = seconds / g.seconds
     return ev

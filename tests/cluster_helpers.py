@@ -58,6 +58,13 @@ class LocalCluster:
         )
 
     def start(self, timeout: float = 60.0) -> LocalCluster:
+        try:
+            return self._start_nodes(timeout)
+        except BaseException:
+            self.stop()  # never leave half a cluster running
+            raise
+
+    def _start_nodes(self, timeout: float) -> LocalCluster:
         self.head = self._start(["--head", f"--port={self.port}", "--num-cpus=0",
                                  "--include-dashboard=false"])
         self._wait(1, timeout)

@@ -107,3 +107,26 @@ def test_tiny_comparison_logs_to_mlflow(ray_session, tmp_path):
     assert {"alpha", "lam"} <= set(trial.data.params)
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.csv", "comparison.md", "alignment_vs_time.png", "accuracies.png"} <= names
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_tiny_regression_comparison(ray_session, tmp_path):
+    from tune.compare import CompareConfig, run_comparison
+
+    cfg = CompareConfig(
+        dataset="diabetes", forget="random:0.1", methods=("all",), target="sisa", epochs=20,
+        lr=1e-2, shards=2, slices=2, num_samples=1, seeds=2, hidden=32,
+        mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", out=str(tmp_path / "out"),
+    )
+    result = run_comparison(cfg, say=lambda m: None)
+    rows = {r["method"]: r for r in result["rows"]}
+    # `all` means the methods that support regression
+    assert set(rows) == {"original", "finetune", "random_labels", "exact SISA deletion",
+                         "naive retrain (ensemble)"}
+    exact = rows["exact SISA deletion"]
+    assert exact["utility"] == 1.0 and exact["forgetting"] == 1.0 and exact["alignment"] == 0.0
+    for r in rows.values():
+        assert r["test_mae"] > 0 and math.isnan(r["test_acc"])
+    table = (tmp_path / "out" / "comparison.md").read_text()
+    assert "test_mae" in table and "test_acc" not in table

@@ -82,9 +82,10 @@ class CompareConfig:
         parse_request(self.forget)  # fail early on a malformed request
         self.method_names()
 
-    def method_names(self) -> list[str]:
+    def method_names(self, task: str = "classification") -> list[str]:
+        """The methods to compare; ``all`` means every method that supports the task."""
         if tuple(self.methods) == ("all",):
-            return list_methods()
+            return [m for m in list_methods() if task in get_method(m).tasks]
         for m in self.methods:
             get_method(m)
         return list(self.methods)
@@ -126,7 +127,8 @@ def _summarise(name: str, kind: str, per_seed: list[dict], best: dict | None,
     row = {"method": name, "kind": kind, "seeds": len(per_seed), "best_config": best or {}}
     for key in ("forget_acc", "retain_acc", "test_acc", "forget_gap", "retain_gap", "test_gap",
                 "mia", "mia_gap", "activation_distance", "js_divergence", "alignment", "seconds",
-                "time_ratio"):
+                "time_ratio", "forget_mae", "retain_mae", "test_mae", "utility", "forgetting",
+                "combined"):
         row[key], std = _mean_std(per_seed, key)
         if key in ("alignment", "forget_acc"):
             row[f"{key}_std"] = std
@@ -152,11 +154,11 @@ def run_comparison(cfg: CompareConfig, say: Callable[[str], None] = print) -> di
     from .report import write_plots, write_table
     from .tracking import default_tracking_uri, log_comparison
 
-    methods = cfg.method_names()
     request = parse_request(cfg.forget)
     ensure_ray(cfg.address)
 
     train_all, test = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download)
+    methods = cfg.method_names(train_all.task)
     rng = np.random.default_rng(cfg.seed)
     if cfg.max_train is not None and cfg.max_train < len(train_all):
         train_all = train_all.select_ids(rng.choice(train_all.ids, cfg.max_train, replace=False))
@@ -165,6 +167,9 @@ def run_comparison(cfg: CompareConfig, say: Callable[[str], None] = print) -> di
     train_set, extra = train_all.without_ids(extra_ids), train_all.select_ids(extra_ids)
     forget, retain = split_forget(train_set, request, cfg.seed)
     for name in methods:
+        if train_all.task not in get_method(name).tasks:
+            raise ValueError(f"Method {name!r} does not support {train_all.task} (it supports "
+                             f"{list(get_method(name).tasks)}); leave it out of --methods.")
         if request.kind not in get_method(name).kinds:
             raise ValueError(f"Method {name!r} does not support {request.kind!r} requests "
                              f"(it supports {list(get_method(name).kinds)}); leave it out of "

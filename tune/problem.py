@@ -52,15 +52,19 @@ class ModelSpec:
 
 
 class SoftVote(nn.Module):
-    """A SISA ensemble as one module: log of the mean softmax of the voting shards."""
+    """A SISA ensemble as one module: log of the mean softmax of the voting shards; for
+    regression the mean of their outputs."""
 
-    def __init__(self, shards: list[nn.Module | None]) -> None:
+    def __init__(self, shards: list[nn.Module | None], regression: bool = False) -> None:
         super().__init__()
         self.shards = nn.ModuleList([m for m in shards if m is not None])
+        self.regression = regression
         if not len(self.shards):
             raise ValueError("Every shard abstains: the ensemble cannot predict.")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.regression:
+            return torch.stack([m(x) for m in self.shards]).mean(0)
         probs = torch.stack([torch.softmax(m(x), dim=1) for m in self.shards]).mean(0)
         return torch.log(probs.clamp_min(1e-30))
 
@@ -96,7 +100,8 @@ class Problem:
     def model(self, states) -> nn.Module:
         if isinstance(states, dict):
             return self.spec.build(states)
-        return SoftVote([None if s is None else self.spec.build(s) for s in states])
+        return SoftVote([None if s is None else self.spec.build(s) for s in states],
+                        regression=self.retain.task == "regression")
 
     def shard_split(self) -> dict[int, tuple[SampleSet, SampleSet]]:
         """Forget and retain data of every shard the forget set touches."""
@@ -189,7 +194,7 @@ def apply_method(problem: Problem, method: str, config, seed: int, seed_index: i
                               validation=problem.test, extra=problem.extra)
         res = run_method(method, shards[s], data, config, seed=seed, threads=1)
         shards[s], seconds = res.model, seconds + res.seconds
-    return SoftVote(shards).eval(), seconds
+    return SoftVote(shards, regression=problem.retain.task == "regression").eval(), seconds
 
 
 def score(problem: Problem, model: nn.Module, seconds: float, seed_index: int = 0,
@@ -204,4 +209,9 @@ def score(problem: Problem, model: nn.Module, seconds: float, seed_index: int = 
 
 
 def forget_margins(problem: Problem, model: nn.Module) -> np.ndarray:
-    return logit_margin(logits(model, problem.forget), problem.forget.labels)
+    """The statistic the forgetting-quality attacks see per forget sample: the logit margin, or
+    for regression the negative absolute error."""
+    z = logits(model, problem.forget)
+    if problem.forget.task == "regression":
+        return -np.abs(z[:, 0] - problem.forget.labels)
+    return logit_margin(z, problem.forget.labels)

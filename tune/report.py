@@ -10,8 +10,8 @@ from pathlib import Path
 COLUMNS = [
     "method", "kind", "forget_acc", "retain_acc", "test_acc", "forget_gap", "retain_gap",
     "test_gap", "mia", "mia_gap", "activation_distance", "js_divergence", "alignment",
-    "alignment_std", "forgetting_quality", "score", "seconds", "time_ratio", "seeds",
-    "best_config",
+    "alignment_std", "forgetting_quality", "score", "forget_mae", "retain_mae", "test_mae",
+    "utility", "forgetting", "combined", "seconds", "time_ratio", "seeds", "best_config",
 ]
 
 
@@ -25,8 +25,14 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _present(rows: list[dict], col: str) -> bool:
+    """A column some row has a real value for (NaN-only columns, e.g. accuracies of a
+    regression, are left out of the Markdown table)."""
+    return any(col in r and not (isinstance(r[col], float) and math.isnan(r[col])) for r in rows)
+
+
 def to_markdown(rows: list[dict]) -> str:
-    cols = [c for c in COLUMNS if any(c in r for r in rows)]
+    cols = [c for c in COLUMNS if _present(rows, c)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c, float("nan"))) for c in cols) + " |")
@@ -76,15 +82,22 @@ def write_plots(rows: list[dict], out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(max(7, 0.8 * len(rows)), 4.5))
     width = 0.27
     xs = range(len(rows))
-    for i, (key, label) in enumerate([("forget_acc", "forget"), ("retain_acc", "retain"),
-                                      ("test_acc", "test")]):
+    regression = not _present(rows, "test_acc")
+    keys = [("forget_mae", "forget"), ("retain_mae", "retain"), ("test_mae", "test")] \
+        if regression else [("forget_acc", "forget"), ("retain_acc", "retain"),
+                            ("test_acc", "test")]
+    for i, (key, label) in enumerate(keys):
         ax.bar([x + (i - 1) * width for x in xs], [r[key] for r in rows], width, label=label)
     ax.set_xticks(list(xs))
     ax.set_xticklabels([r["method"] for r in rows], rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1.05)
+    if regression:
+        ax.set_ylabel("mean absolute error")
+        ax.set_title("MAE per method")
+    else:
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1.05)
+        ax.set_title("Accuracy per method")
     ax.legend()
-    ax.set_title("Accuracy per method")
     fig.tight_layout()
     p = out_dir / "accuracies.png"
     fig.savefig(p, dpi=110)
