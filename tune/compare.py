@@ -82,10 +82,12 @@ class CompareConfig:
         parse_request(self.forget)  # fail early on a malformed request
         self.method_names()
 
-    def method_names(self, task: str = "classification") -> list[str]:
-        """The methods to compare; ``all`` means every method that supports the task."""
+    def method_names(self, task: str = "classification", kind: str | None = None) -> list[str]:
+        """The methods to compare; ``all`` means every method that supports the task and the
+        request kind."""
         if tuple(self.methods) == ("all",):
-            return [m for m in list_methods() if task in get_method(m).tasks]
+            return [m for m in list_methods() if task in get_method(m).tasks
+                    and (kind is None or kind in get_method(m).kinds)]
         for m in self.methods:
             get_method(m)
         return list(self.methods)
@@ -158,7 +160,7 @@ def run_comparison(cfg: CompareConfig, say: Callable[[str], None] = print) -> di
     ensure_ray(cfg.address)
 
     train_all, test = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download)
-    methods = cfg.method_names(train_all.task)
+    methods = cfg.method_names(train_all.task, request.kind)
     rng = np.random.default_rng(cfg.seed)
     if cfg.max_train is not None and cfg.max_train < len(train_all):
         train_all = train_all.select_ids(rng.choice(train_all.ids, cfg.max_train, replace=False))
