@@ -37,6 +37,9 @@ def test_every_method_has_a_valid_space_around_its_defaults():
                 assert args[0] <= value <= args[1], f"{name}.{param} default outside its space"
     with pytest.raises(ValueError, match="Unknown parameter"):
         config_from("ssd", {"alpah": 3})
+    for name in ("finetune", "random_labels"):
+        for param, (_, grid) in space_for(name, "regression").items():
+            assert getattr(config_from(name, {param: grid[0]}), param) == grid[0]
 
 
 @pytest.fixture(scope="module")

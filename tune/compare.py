@@ -197,7 +197,7 @@ def run_comparison(cfg: CompareConfig, say: Callable[[str], None] = print) -> di
     best: dict[str, dict] = {}
     for name in methods:
         results = run_trials(
-            _trial, space_for(name), search=cfg.search, num_samples=cfg.num_samples,
+            _trial, space_for(name, train_all.task), search=cfg.search, num_samples=cfg.num_samples,
             metric="alignment", mode="min", name=f"{name}", storage_path=str(out / "tune"),
             seed=cfg.seed, max_concurrent=cfg.max_concurrent, problem=problem, method=name,
         )

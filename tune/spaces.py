@@ -59,12 +59,28 @@ SPACES: dict[str, dict[str, tuple[tuple, list]]] = {
 }
 
 
-def space_for(method: str) -> dict[str, tuple[tuple, list]]:
-    """The search space of ``method`` (an unknown method gets a clear error; a method without
-    a space is searched over its defaults only)."""
+# Regression targets are not probabilities: SGD at classification learning rates diverges on a
+# squared error over targets in the hundreds, so regression searches Adam at smaller rates.
+REGRESSION_SPACES: dict[str, dict[str, tuple[tuple, list]]] = {
+    "finetune": {
+        "lr": (("loguniform", 1e-4, 1e-2), [1e-3, 1e-2]),
+        "epochs": (("choice", [2, 5, 10]), [5]),
+        "optimizer": (("choice", ["adam"]), ["adam"]),
+        "weight_decay": (("choice", [0.0]), [0.0]),
+    },
+    "random_labels": {
+        "lr": (("loguniform", 1e-4, 1e-2), [1e-3, 1e-2]),
+        "epochs": (("choice", [1, 3, 5]), [3]),
+    },
+}
+
+
+def space_for(method: str, task: str = "classification") -> dict[str, tuple[tuple, list]]:
+    """The search space of ``method`` for ``task`` (an unknown method gets a clear error; a
+    method without a space is searched over its defaults only)."""
     spec = get_method(method)
     fields = {f.name for f in dataclasses.fields(spec.config_cls)}
-    space = SPACES.get(method, {})
+    space = (REGRESSION_SPACES if task == "regression" else SPACES).get(method, {})
     bad = sorted(set(space) - fields)
     if bad:
         raise ValueError(f"Search space of {method!r} names unknown config fields {bad}.")
