@@ -530,8 +530,10 @@ class SISAEnsemble:
         return report
 
     def _report_from_manifest(self, rid: str, ids: np.ndarray, manifest: Manifest):
+        """Report of a request whose manifest swap landed before a crash: its ids are deleted;
+        which shards it retrained is not recorded anywhere durable, so that part is empty."""
         return UnlearnReport(
-            request_id=rid, ids=ids.tolist(), deleted=[], already_deleted=ids.tolist(),
+            request_id=rid, ids=ids.tolist(), deleted=ids.tolist(), already_deleted=[],
             shards=[], retrained_sample_steps=0, full_retrain_sample_steps=0, wall_seconds=0.0,
         )
 
