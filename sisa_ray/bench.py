@@ -320,10 +320,9 @@ def _log_mlflow(summary: dict, files: list[Path], uri: str | None) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
-    from tune.tracking import _clean, default_tracking_uri
+    from tune.tracking import _clean, default_tracking_uri, use_experiment
 
-    mlflow.set_tracking_uri(uri or default_tracking_uri())
-    mlflow.set_experiment("sisa-ray-bench")
+    use_experiment(uri or default_tracking_uri(), "sisa-ray-bench")
     with mlflow.start_run(run_name=f"bench-{summary['spec']['dataset']}"):
         mlflow.log_params({k: str(v) for k, v in summary["spec"].items()})
         mlflow.log_metrics(_clean({

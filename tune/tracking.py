@@ -15,6 +15,19 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{os.path.abspath('mlflow.db')}"
 
 
+def use_experiment(uri: str, name: str):
+    """Point MLflow at ``uri`` and experiment ``name``; a new experiment on a SQLite store keeps
+    its artifacts beside the database (``mlartifacts/``), not in whatever directory the command
+    happened to run from."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(name) is None and uri.startswith("sqlite:///"):
+        root = Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
+        mlflow.create_experiment(name, artifact_location=root.as_uri())
+    return mlflow.set_experiment(name)
+
+
 def _clean(metrics: dict) -> dict[str, float]:
     return {
         k: float(v) for k, v in metrics.items()
@@ -41,8 +54,7 @@ def log_comparison(
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.set_experiment(experiment)
+    exp = use_experiment(uri, experiment)
     with mlflow.start_run(run_name=run_name) as parent:
         mlflow.set_tags({"kind": "comparison", "sisa_ray.target": params.get("target", "")})
         mlflow.log_params(_params(params))
