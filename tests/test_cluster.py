@@ -68,7 +68,7 @@ def test_training_across_nodes_is_bit_identical_to_one_node(cluster, tmp_path):
 
 
 def test_node_killed_during_training(cluster, tmp_path):
-    cfg = config(shards=4, slices=2, epochs=120)
+    cfg = config(shards=4, slices=2, epochs=600)  # seconds per shard: the kill lands mid-way
     store = tmp_path / "s"
     proc = sisa_background(*train_args(store, cfg), address=cluster.address)
     deadline = time.monotonic() + 120
@@ -76,6 +76,7 @@ def test_node_killed_during_training(cluster, tmp_path):
         assert proc.poll() is None, proc.stderr.read()[-2000:]
         assert time.monotonic() < deadline
         time.sleep(0.2)
+    assert len(list(store.glob("shards/*/v*/step_001.pt"))) < 4, "training ended too early"
     killed_at = time.monotonic()
     cluster.kill_worker(2)
     out, err = proc.communicate(timeout=300)
@@ -89,8 +90,10 @@ def test_shard_actor_killed_during_deletion(ray_session, tmp_path):
     import ray
 
     train, _ = load_digits()
-    cfg = config(shards=2, slices=2, epochs=150)
-    ens = SISAEnsemble(cfg, store=str(tmp_path / "s")).fit(train)
+    cfg = config(shards=2, slices=4, epochs=200)  # 4 steps to retrain after the first
+    ens = SISAEnsemble(cfg, store=str(tmp_path / "s"), backend="local").fit(train)
+    ens.backend = "ray"
+    ens.executor = None
     shard, slice_ = assign(train.ids, cfg.sharding)
     victim = int(train.ids[(shard == 1) & (slice_ == 0)][0])  # retrains shard 1 from scratch
     errors: list[BaseException] = []
@@ -109,6 +112,7 @@ def test_shard_actor_killed_during_deletion(ray_session, tmp_path):
         assert t.is_alive() or errors, "deletion ended before it could be interrupted"
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    assert not list(store.glob("shards/0001/v000002/step_003.pt")), "retrain ended too early"
     killed_at = time.monotonic()
     ray.kill(ens.executor._actors[1], no_restart=False)
     t.join(timeout=300)
@@ -126,18 +130,20 @@ def _session_address(ray_session) -> str:
 
 def test_driver_killed_during_deletion_is_finished_by_the_next_command(ray_session, tmp_path):
     train, _ = load_digits()
-    cfg = config(shards=2, slices=2, epochs=150)
+    cfg = config(shards=2, slices=4, epochs=200)
     store = tmp_path / "s"
     SISAEnsemble(cfg, store=str(store), backend="local").fit(train)
-    victim = int(train.ids[3])
+    _, slice_ = assign(train.ids, cfg.sharding)
+    victim = int(train.ids[slice_ == 0][0])  # its shard retrains all 4 steps
     proc = sisa_background("delete", "--store", str(store), "--ids", str(victim),
                            "--request-id", "gdpr-7", "--quiet",
                            address=_session_address(ray_session))
     deadline = time.monotonic() + 120
-    while not list(store.glob("shards/*/v000002/step_*.pt")):  # acknowledged and retraining
+    while not list(store.glob("shards/*/v000002/step_000.pt")):  # acknowledged, retraining
         assert proc.poll() is None, proc.stderr.read()[-2000:]
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    assert not list(store.glob("shards/*/v000002/step_003.pt")), "deletion ended too early"
     os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
     proc.wait()
     led = Ledger(Store(str(store))).requests()
