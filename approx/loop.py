@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from sisa_ray.core.config import check_choice, check_int, check_number
 from sisa_ray.core.data import SampleSet
 
 RETAIN, FORGET = 0, 1
@@ -36,22 +37,13 @@ class LoopConfig:
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
-            raise ValueError(f"The 'epochs' parameter of {owner} must be an int >= 0. "
-                             f"Got {self.epochs!r} instead.")
-        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
-            raise ValueError(f"The 'lr' parameter of {owner} must be a number > 0. "
-                             f"Got {self.lr!r} instead.")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"The 'optimizer' parameter of {owner} must be one of "
-                             f"['sgd', 'adam']. Got {self.optimizer!r} instead.")
-        if self.schedule not in ("none", "cosine"):
-            raise ValueError(f"The 'schedule' parameter of {owner} must be one of "
-                             f"['none', 'cosine']. Got {self.schedule!r} instead.")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) \
-                or self.batch_size < 1:
-            raise ValueError(f"The 'batch_size' parameter of {owner} must be an int >= 1. "
-                             f"Got {self.batch_size!r} instead.")
+        check_int(owner, "epochs", self.epochs, 0)
+        check_number(owner, "lr", self.lr, 0.0, strict=True)
+        check_choice(owner, "optimizer", self.optimizer, ("sgd", "adam"))
+        check_number(owner, "momentum", self.momentum, 0.0)
+        check_number(owner, "weight_decay", self.weight_decay, 0.0)
+        check_int(owner, "batch_size", self.batch_size, 1)
+        check_choice(owner, "schedule", self.schedule, ("none", "cosine"))
 
 
 def stack(*parts: tuple[SampleSet, np.ndarray | int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

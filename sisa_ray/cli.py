@@ -60,6 +60,13 @@ def _progress(args, label: str):
     return show
 
 
+def _status_printer(args):
+    """Status lines to stderr, or nothing with --json/--quiet."""
+    if args.json or args.quiet:
+        return lambda m: None
+    return lambda m: print(m, file=sys.stderr, flush=True)
+
+
 def _ensemble_kwargs(args) -> dict:
     return {
         "backend": args.backend,
@@ -333,8 +340,7 @@ def cmd_compare(args) -> int:
         max_train=args.max_train, mlflow_uri=args.mlflow_uri, experiment=args.experiment,
         address=args.address, out=args.out, seed=args.seed,
     )
-    say = (lambda m: None) if (args.json or args.quiet) else (
-        lambda m: print(m, file=sys.stderr, flush=True))
+    say = _status_printer(args)
     result = run_comparison(cfg, say=say)
     rows = [{k: v for k, v in r.items()} for r in result["rows"]]
     _emit(args, {**result, "rows": rows}, to_markdown(rows))
@@ -347,8 +353,7 @@ def cmd_bench(args) -> int:
     from .bench import run_bench, spec_from_args
 
     spec = spec_from_args(args)
-    say = (lambda m: None) if (args.json or args.quiet) else (
-        lambda m: print(m, file=sys.stderr, flush=True))
+    say = _status_printer(args)
     out = Path(args.out or "bench-results").resolve()
     summary = run_bench(spec, out, mlflow_uri=False if args.no_mlflow else args.mlflow_uri,
                         say=say)

@@ -119,6 +119,10 @@ def test_config_errors_name_the_parameter():
         get_method("ssd").config_cls(alpha=0)
     with pytest.raises(ValueError, match="'mask_ratio' parameter of FisherMaskingConfig"):
         get_method("fisher_masking").config_cls(mask_ratio=2)
+    with pytest.raises(ValueError, match="'lr' parameter of FinetuneConfig"):
+        get_method("finetune").config_cls(lr=True)
+    with pytest.raises(ValueError, match="'shift_max' parameter of RandomLabelsConfig"):
+        get_method("random_labels").config_cls(shift_min=5.0, shift_max=2.0)
     with pytest.raises(TypeError):
         get_method("finetune").config_cls(epoch=3)
 

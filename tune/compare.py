@@ -29,7 +29,13 @@ import numpy as np
 
 from approx import get_method, list_methods, parse_request, split_forget
 from approx.metrics import challenge_score, forgetting_quality
-from sisa_ray.core.config import ShardingConfig, SISAConfig, TrainingConfig
+from sisa_ray.core.config import (
+    ShardingConfig,
+    SISAConfig,
+    TrainingConfig,
+    check_choice,
+    check_int,
+)
 
 from .objective import alignment
 from .problem import TARGETS, ModelSpec, Problem, apply_method, forget_margins, score, train_seed
@@ -66,16 +72,10 @@ class CompareConfig:
     out: str | None = None
 
     def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise ValueError(f"The 'target' parameter must be one of {list(TARGETS)}. "
-                             f"Got {self.target!r} instead.")
-        if self.search not in ("random", "grid", "optuna"):
-            raise ValueError("The 'search' parameter must be one of ['random', 'grid', "
-                             f"'optuna']. Got {self.search!r} instead.")
+        check_choice("CompareConfig", "target", self.target, TARGETS)
+        check_choice("CompareConfig", "search", self.search, ("random", "grid", "optuna"))
         for name in ("num_samples", "seeds", "epochs", "shards", "slices"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"The '{name}' parameter must be an int >= 1. Got {v!r} instead.")
+            check_int("CompareConfig", name, getattr(self, name), 1)
         if not 0 < self.extra_fraction < 1:
             raise ValueError("The 'extra_fraction' parameter must be in (0, 1). "
                              f"Got {self.extra_fraction!r} instead.")

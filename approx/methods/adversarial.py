@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sisa_ray.core.config import check_int, check_number
+
 from ..base import register
 from ..loop import FORGET, RETAIN, LoopConfig, stack, train
 
@@ -38,10 +40,8 @@ class AdversarialConfig(LoopConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("disc_lr", "adv_weight", "temperature"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                raise ValueError(f"The '{name}' parameter of AdversarialConfig must be a number "
-                                 f"> 0. Got {v!r} instead.")
+            check_number("AdversarialConfig", name, getattr(self, name), 0.0, strict=True)
+        check_int("AdversarialConfig", "disc_hidden", self.disc_hidden, 1)
 
 
 @register(

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from sisa_ray.core.config import check_number
+
 from ..base import register
 from ..loop import FORGET, RETAIN, LoopConfig, stack, train
 
@@ -29,12 +31,9 @@ class BadTeacherConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.temperature <= 0:
-            raise ValueError("The 'temperature' parameter of BadTeacherConfig must be > 0. "
-                             f"Got {self.temperature!r} instead.")
-        if not 0 < self.retain_fraction <= 1:
-            raise ValueError("The 'retain_fraction' parameter of BadTeacherConfig must be in "
-                             f"(0, 1]. Got {self.retain_fraction!r} instead.")
+        check_number("BadTeacherConfig", "temperature", self.temperature, 0.0, strict=True)
+        check_number("BadTeacherConfig", "retain_fraction", self.retain_fraction, 0.0,
+                     strict=True, maximum=1.0)
 
 
 def reinitialised(model: nn.Module) -> nn.Module:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sisa_ray.core.config import check_number
+
 from ..base import register
 from ..loop import fisher_diagonal
 
@@ -26,10 +28,7 @@ class FisherForgettingConfig:
 
     def __post_init__(self) -> None:
         for name in ("alpha", "max_var", "max_var_output"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                raise ValueError(f"The '{name}' parameter of FisherForgettingConfig must be a "
-                                 f"number > 0. Got {v!r} instead.")
+            check_number("FisherForgettingConfig", name, getattr(self, name), 0.0, strict=True)
 
 
 def output_layer(model: nn.Module) -> nn.Linear:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sisa_ray.core.config import check_int, check_number
+
 from ..base import register
 from ..loop import RETAIN, LoopConfig, cross_entropy, fisher_diagonal, stack, train
 
@@ -27,13 +29,8 @@ class FisherMaskingConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.finetune_samples, bool) or not isinstance(self.finetune_samples, int) \
-                or self.finetune_samples < 1:
-            raise ValueError("The 'finetune_samples' parameter of FisherMaskingConfig must be an "
-                             f"int >= 1. Got {self.finetune_samples!r} instead.")
-        if not 0 <= self.mask_ratio <= 1:
-            raise ValueError("The 'mask_ratio' parameter of FisherMaskingConfig must be in "
-                             f"[0, 1]. Got {self.mask_ratio!r} instead.")
+        check_int("FisherMaskingConfig", "finetune_samples", self.finetune_samples, 1)
+        check_number("FisherMaskingConfig", "mask_ratio", self.mask_ratio, 0.0, maximum=1.0)
 
 
 @torch.no_grad()

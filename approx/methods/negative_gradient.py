@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sisa_ray.core.config import check_number
+
 from ..base import register
 from ..loop import FORGET, RETAIN, LoopConfig, stack, train
 
@@ -24,9 +26,7 @@ class NegativeGradientConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.retain_weight < 0:
-            raise ValueError("The 'retain_weight' parameter of NegativeGradientConfig must be "
-                             f">= 0. Got {self.retain_weight!r} instead.")
+        check_number("NegativeGradientConfig", "retain_weight", self.retain_weight, 0.0)
 
 
 @register(

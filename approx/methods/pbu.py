@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sisa_ray.core.config import check_number
+
 from ..base import register
 from ..loop import FORGET, LoopConfig, fisher_diagonal, stack, train
 
@@ -42,10 +44,7 @@ class PBUConfig(LoopConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("alpha", "beta", "gamma"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"The '{name}' parameter of PBUConfig must be a number >= 0. "
-                                 f"Got {v!r} instead.")
+            check_number("PBUConfig", name, getattr(self, name), 0.0)
 
 
 def pbu_loss(

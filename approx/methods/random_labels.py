@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sisa_ray.core.config import check_number
+
 from ..base import register
 from ..loop import FORGET, RETAIN, LoopConfig, cross_entropy, stack, train
 
@@ -40,12 +42,10 @@ class RandomLabelsConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 <= self.shift_min <= self.shift_max:
-            raise ValueError("RandomLabelsConfig needs 0 <= shift_min <= shift_max. Got "
-                             f"{self.shift_min!r} and {self.shift_max!r}.")
-        if not 0 < self.retain_fraction <= 1:
-            raise ValueError("The 'retain_fraction' parameter of RandomLabelsConfig must be in "
-                             f"(0, 1]. Got {self.retain_fraction!r} instead.")
+        check_number("RandomLabelsConfig", "shift_min", self.shift_min, 0.0)
+        check_number("RandomLabelsConfig", "shift_max", self.shift_max, self.shift_min)
+        check_number("RandomLabelsConfig", "retain_fraction", self.retain_fraction, 0.0,
+                     strict=True, maximum=1.0)
 
 
 @register(

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sisa_ray.core.config import check_number
+
 from ..base import register
 from ..loop import RETAIN, LoopConfig, cross_entropy, stack, train
 
@@ -22,9 +24,7 @@ class RandomPerturbationConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.beta < 0:
-            raise ValueError("The 'beta' parameter of RandomPerturbationConfig must be >= 0. "
-                             f"Got {self.beta!r} instead.")
+        check_number("RandomPerturbationConfig", "beta", self.beta, 0.0)
 
 
 @torch.no_grad()

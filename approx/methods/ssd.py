@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sisa_ray.core.config import check_int, check_number
+
 from ..base import register
 from ..loop import batch_gradient_importance
 
@@ -21,10 +23,8 @@ class SSDConfig:
 
     def __post_init__(self) -> None:
         for name in ("alpha", "lam"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                raise ValueError(f"The '{name}' parameter of SSDConfig must be a number > 0. "
-                                 f"Got {v!r} instead.")
+            check_number("SSDConfig", name, getattr(self, name), 0.0, strict=True)
+        check_int("SSDConfig", "batch_size", self.batch_size, 1)
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sisa_ray.core.config import check_int, check_number
 from sisa_ray.core.data import SampleSet
 
 from ..base import register
@@ -68,10 +69,10 @@ class TwinMUConfig(LoopConfig):
                              f"of {list(FEATURES)}. Got {list(self.features)!r} instead.")
         for name in ("twin_epochs", "curriculum_epochs", "attack_steps", "neighbours",
                      "classifier_epochs"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"The '{name}' parameter of TwinMUConfig must be an int >= 1. "
-                                 f"Got {v!r} instead.")
+            check_int("TwinMUConfig", name, getattr(self, name), 1)
+        for name in ("twin_lr", "curriculum_lr", "classifier_lr"):
+            check_number("TwinMUConfig", name, getattr(self, name), 0.0, strict=True)
+        check_number("TwinMUConfig", "attack_eps", self.attack_eps, 0.0)
 
 
 def _embed(model: nn.Module, data: SampleSet, device) -> torch.Tensor:

@@ -20,26 +20,34 @@ OPTIMIZERS = ("adam", "sgd")
 EPOCH_SCHEDULES = ("sisa", "per_slice")
 
 
-def _check_int(owner: str, name: str, value: Any, minimum: int) -> None:
+def check_int(owner: str, name: str, value: Any, minimum: int) -> None:
+    """Raise the standard error unless ``value`` is an int (not a bool) ``>= minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(
             f"The '{name}' parameter of {owner} must be an int >= {minimum}. Got {value!r} instead."
         )
 
 
-def _check_float(owner: str, name: str, value: Any, minimum: float, strict: bool) -> None:
+def check_number(owner: str, name: str, value: Any, minimum: float, strict: bool = False,
+                 maximum: float | None = None) -> None:
+    """Raise the standard error unless ``value`` is a number (not a bool) above ``minimum``
+    (``strict``: strictly) and, when given, at most ``maximum``."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if ok:
-        ok = value > minimum if strict else value >= minimum
+        ok = (value > minimum if strict else value >= minimum) and (
+            maximum is None or value <= maximum)
     if not ok:
-        op = ">" if strict else ">="
+        if maximum is None:
+            bound = f"{'>' if strict else '>='} {minimum}"
+        else:
+            bound = f"in {'(' if strict else '['}{minimum}, {maximum}]"
         raise ValueError(
-            f"The '{name}' parameter of {owner} must be a number {op} {minimum}. "
-            f"Got {value!r} instead."
+            f"The '{name}' parameter of {owner} must be a number {bound}. Got {value!r} instead."
         )
 
 
-def _check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+def check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raise the standard error unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(
             f"The '{name}' parameter of {owner} must be one of {list(choices)}. "
@@ -73,9 +81,9 @@ class ShardingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_int("ShardingConfig", "n_shards", self.n_shards, 1)
-        _check_int("ShardingConfig", "n_slices", self.n_slices, 1)
-        _check_int("ShardingConfig", "seed", self.seed, 0)
+        check_int("ShardingConfig", "n_shards", self.n_shards, 1)
+        check_int("ShardingConfig", "n_slices", self.n_slices, 1)
+        check_int("ShardingConfig", "seed", self.seed, 0)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ShardingConfig:
@@ -103,16 +111,16 @@ class TrainingConfig:
     threads: int = 1
 
     def __post_init__(self) -> None:
-        _check_choice("TrainingConfig", "model", self.model, MODELS)
-        _check_int("TrainingConfig", "epochs", self.epochs, 1)
-        _check_int("TrainingConfig", "batch_size", self.batch_size, 1)
-        _check_float("TrainingConfig", "lr", self.lr, 0.0, strict=True)
-        _check_choice("TrainingConfig", "optimizer", self.optimizer, OPTIMIZERS)
-        _check_float("TrainingConfig", "momentum", self.momentum, 0.0, strict=False)
-        _check_float("TrainingConfig", "weight_decay", self.weight_decay, 0.0, strict=False)
-        _check_int("TrainingConfig", "hidden", self.hidden, 1)
-        _check_choice("TrainingConfig", "epoch_schedule", self.epoch_schedule, EPOCH_SCHEDULES)
-        _check_int("TrainingConfig", "threads", self.threads, 1)
+        check_choice("TrainingConfig", "model", self.model, MODELS)
+        check_int("TrainingConfig", "epochs", self.epochs, 1)
+        check_int("TrainingConfig", "batch_size", self.batch_size, 1)
+        check_number("TrainingConfig", "lr", self.lr, 0.0, strict=True)
+        check_choice("TrainingConfig", "optimizer", self.optimizer, OPTIMIZERS)
+        check_number("TrainingConfig", "momentum", self.momentum, 0.0, strict=False)
+        check_number("TrainingConfig", "weight_decay", self.weight_decay, 0.0, strict=False)
+        check_int("TrainingConfig", "hidden", self.hidden, 1)
+        check_choice("TrainingConfig", "epoch_schedule", self.epoch_schedule, EPOCH_SCHEDULES)
+        check_int("TrainingConfig", "threads", self.threads, 1)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
@@ -179,10 +187,10 @@ class ResourceConfig:
     max_concurrent: int | None = None
 
     def __post_init__(self) -> None:
-        _check_float("ResourceConfig", "num_cpus", self.num_cpus, 0.0, strict=False)
-        _check_float("ResourceConfig", "num_gpus", self.num_gpus, 0.0, strict=False)
+        check_number("ResourceConfig", "num_cpus", self.num_cpus, 0.0, strict=False)
+        check_number("ResourceConfig", "num_gpus", self.num_gpus, 0.0, strict=False)
         if self.max_concurrent is not None:
-            _check_int("ResourceConfig", "max_concurrent", self.max_concurrent, 1)
+            check_int("ResourceConfig", "max_concurrent", self.max_concurrent, 1)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ResourceConfig:
