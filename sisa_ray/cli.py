@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -78,10 +79,12 @@ def _ensemble_kwargs(args) -> dict:
     }
 
 
-def _open(args):
+def _open(args, recover: bool = True):
+    """Open the store. Readers pass ``recover=False``: they never take the writer lock."""
     from .ensemble import SISAEnsemble
 
-    return SISAEnsemble.open(args.store, progress=_progress(args, "recover"), **_ensemble_kwargs(args))
+    return SISAEnsemble.open(args.store, recover=recover, progress=_progress(args, "recover"),
+                             **_ensemble_kwargs(args))
 
 
 def _accuracy_table(ens, test) -> dict:
@@ -118,13 +121,20 @@ def cmd_train(args) -> int:
     from .ensemble import SISAEnsemble
 
     train, test = load_dataset(
-        args.dataset, data_dir=args.data_dir, download=args.download, test=args.test
+        args.dataset, data_dir=args.data_dir, download=args.download, test=args.test,
+        n_classes=args.n_classes,
     )
+    if args.dataset.startswith("parquet:") and args.n_classes is None \
+            and train.task == "classification" and not args.json and not args.quiet:
+        print(f"note: n_classes={train.n_classes} taken from the largest label present; pass "
+              "--n-classes so that a retrain after deletions builds the same model",
+              file=sys.stderr)
     config = SISAConfig(
         sharding=ShardingConfig(n_shards=args.shards, n_slices=args.slices, seed=args.seed),
         training=TrainingConfig(
             model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             epoch_schedule=args.epoch_schedule, threads=args.threads,
+            n_classes=args.n_classes, device=args.device, cpu_capability=args.cpu_capability,
         ),
     )
     if not args.json and not args.quiet:
@@ -179,20 +189,17 @@ def _parse_ids(args) -> list[int]:
             raise CLIError(f"--ids-file {args.ids_file} does not exist.") from e
     if not raw:
         raise CLIError("The deletion request is empty: give --ids 3,17,42 or --ids-file FILE.")
-    bad = [t.strip() for t in raw if not _is_int(t.strip())]
+    toks = [t.strip() for t in raw]
+    bad = [t for t in toks if not _INT.fullmatch(t)]
     if bad:
         raise CLIError(
-            f"Sample ids must be integers; got {bad[:10]}. Give ids as in your data's 'id' column."
+            f"Sample ids must be integers (digits, optional sign); got {bad[:10]}. Give ids as "
+            "in your data's 'id' column."
         )
-    return [int(t) for t in raw]
+    return [int(t) for t in toks]
 
 
-def _is_int(tok: str) -> bool:
-    try:
-        int(tok)
-        return True
-    except ValueError:
-        return False
+_INT = re.compile(r"[+-]?[0-9]+")
 
 
 def cmd_delete(args) -> int:
@@ -211,13 +218,34 @@ def cmd_delete(args) -> int:
             f"  shard {s.shard:>3}: retrained from slice {s.restart_slice}, "
             f"{s.deleted} deleted, {s.sample_steps} sample-steps, {s.seconds:.2f}s"
         )
-    lines.append(
-        f"  retrained sample-steps: {report.retrained_sample_steps} "
-        f"(full retrain: {report.full_retrain_sample_steps}, "
-        f"{report.sample_step_speedup:.1f}x fewer); wall time {report.wall_seconds:.2f}s"
-    )
+    if report.sample_step_speedup is None:
+        lines.append(f"  nothing to retrain; wall time {report.wall_seconds:.2f}s")
+    else:
+        lines.append(
+            f"  retrained sample-steps: {report.retrained_sample_steps} "
+            f"(full retrain: {report.full_retrain_sample_steps}, "
+            f"{report.sample_step_speedup:.1f}x fewer); wall time {report.wall_seconds:.2f}s"
+        )
     _emit(args, d, "\n".join(lines))
     ens.close()
+    return 0
+
+
+def cmd_recover(args) -> int:
+    ens = _open(args, recover=False)
+    reports = ens.recover(progress=_progress(args, "recover"))
+    lines = [f"Finished {len(reports)} request(s)"] + [
+        f"  {r.request_id}: {len(r.deleted)} id(s) deleted" for r in reports]
+    _emit(args, {"requests": [r.to_dict() for r in reports]}, "\n".join(lines))
+    ens.close()
+    return 0
+
+
+def cmd_abandon(args) -> int:
+    ens = _open(args, recover=False)
+    ens.abandon(args.request_id, args.reason)
+    _emit(args, {"abandoned": args.request_id, "reason": args.reason},
+          f"Request {args.request_id} abandoned: its ids stay in the models ({args.reason}).")
     return 0
 
 
@@ -236,13 +264,11 @@ def cmd_predict(args) -> int:
         raise CLIError(
             f"--input {args.input} lacks column(s) {missing}; it needs 'id' and 'features'."
         )
-    feats = table.column("features").combine_chunks()
+    x = _feature_rows(table, args.input)
     n = table.num_rows
-    x = feats.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    if n and x.size % n:
-        raise CLIError(f"--input {args.input}: ragged 'features' (rows of different lengths).")
-    x = x.reshape(n, -1) if n else x.reshape(0, -1)
-    ens = _open(args)
+    ens = _open(args, recover=False)
+    if n == 0:
+        raise CLIError(f"--input {args.input} has no rows; nothing to predict.")
     probs, active = ens.shard_proba(x)
     if ens.task_ == "regression":  # one output per shard: mean (or --vote median) of them
         from .core.aggregation import aggregate_regression
@@ -279,8 +305,37 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _feature_rows(table, where: str) -> np.ndarray:
+    """The 'features' column as an (N, width) array, every row checked."""
+    import pyarrow as pa
+
+    feats = table.column("features").combine_chunks()
+    if not (pa.types.is_list(feats.type) or pa.types.is_large_list(feats.type)
+            or pa.types.is_fixed_size_list(feats.type)):
+        raise CLIError(f"--input {where}: 'features' must be a list column; found {feats.type}.")
+    if feats.null_count:
+        rows = np.flatnonzero(feats.is_null().to_numpy(zero_copy_only=False))[:10].tolist()
+        raise CLIError(f"--input {where}: 'features' is null in row(s) {rows}; every row needs "
+                       "feature values.")
+    if len(feats) == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    if pa.types.is_fixed_size_list(feats.type):
+        width = feats.type.list_size
+    else:
+        lengths = np.diff(feats.offsets.to_numpy())
+        width = int(lengths[0])
+        if (lengths != width).any():
+            odd = np.flatnonzero(lengths != width)[:10].tolist()
+            raise CLIError(
+                f"--input {where}: ragged 'features': row 0 has {width} values but row(s) {odd} "
+                f"have {sorted(set(lengths[odd].tolist()))}. Every row needs the same width."
+            )
+    x = feats.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    return x.reshape(len(feats), width)
+
+
 def cmd_status(args) -> int:
-    ens = _open(args)
+    ens = _open(args, recover=False)
     st = ens.status()
     t, s = st["config"]["training"], st["config"]["sharding"]
     lines = [
@@ -300,15 +355,21 @@ def cmd_status(args) -> int:
     led = st["ledger"]
     lines.append(
         f"  ledger: {led['requests']} request(s), {led['completed']} completed, "
-        f"{led['pending']} pending, {led['deleted_ids']} ids"
+        f"{led['pending']} pending, {led['abandoned']} abandoned, {led['deleted_ids']} ids"
     )
+    if st["pending_requests"]:
+        lines.append(f"  pending: {st['pending_requests']} (a writer finishes them; or run "
+                     "`sisa-ray recover`)")
+    if st["resurrected_ids"]:
+        lines.append(f"  DELETED IDS ARE LIVE AGAIN: {st['resurrected_ids'][:20]} (restored "
+                     "backup?); run `sisa-ray recover` to delete them again")
     _emit(args, st, "\n".join(lines))
     ens.close()
     return 0
 
 
 def cmd_verify(args) -> int:
-    ens = _open(args)
+    ens = _open(args, recover=False)
     if not args.json and not args.quiet:
         print("Retraining from scratch on the retained data to compare...", file=sys.stderr)
     rep = ens.verify(work_store=args.work_store, progress=_progress(args, "scratch"))
@@ -318,6 +379,8 @@ def cmd_verify(args) -> int:
         lines.append(f"  shard {s['shard']:>4}: {s['steps']} checkpoints {mark}")
     if rep.predictions_identical is not None:
         lines.append(f"  test predictions identical: {rep.predictions_identical}")
+    if rep.resurrected_ids:
+        lines.append(f"  ids the ledger calls deleted are live: {rep.resurrected_ids[:20]}")
     lines.append(
         ("EXACT: every shard is bit-for-bit the model trained without the deleted data"
          if rep.identical else "NOT EXACT: see the differing shards above")
@@ -419,6 +482,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch-schedule", choices=["sisa", "per_slice"], default="sisa")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training shard")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-classes", type=int, default=None,
+                   help="number of classes (model outputs); default: the dataset's, for Parquet "
+                        "the largest label + 1. Recorded in the store")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where every shard trains; recorded and pinned (default: cpu)")
+    p.add_argument("--cpu-capability", default=None,
+                   choices=["default", "avx2", "avx512", "zvector", "vsx", "sve128", "sve256"],
+                   help="PyTorch CPU kernels every shard uses (ATEN_CPU_CAPABILITY); default: "
+                        "what this machine uses. Recorded and pinned on every worker")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("delete", help="unlearn samples exactly")
@@ -427,6 +499,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ids-file", default=None, help="file of sample ids (whitespace/commas)")
     p.add_argument("--request-id", default=None, help="idempotency key of the request")
     p.set_defaults(func=cmd_delete)
+
+    p = sub.add_parser("recover", help="finish pending deletions; delete again ids that came "
+                                        "back from a restored backup")
+    _add_common(p)
+    p.set_defaults(func=cmd_recover)
+
+    p = sub.add_parser("abandon", help="give up a pending deletion whose retrain cannot run "
+                                        "(its ids stay in the models)")
+    _add_common(p)
+    p.add_argument("--request-id", required=True, help="the pending request")
+    p.add_argument("--reason", required=True, help="why (recorded in the ledger)")
+    p.set_defaults(func=cmd_abandon)
 
     p = sub.add_parser("predict", help="predict with the live ensemble")
     _add_common(p)
@@ -500,11 +584,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from .core.runtime import RuntimeMismatch
     from .ensemble import NotFittedError
 
     try:
         return args.func(args)
-    except (CLIError, ValueError, TypeError, StoreError, FileNotFoundError, NotFittedError) as e:
+    except (CLIError, ValueError, TypeError, StoreError, FileNotFoundError, NotFittedError,
+            RuntimeMismatch, OverflowError, NotADirectoryError) as e:
         if getattr(args, "json", False):
             print(json.dumps({"error": str(e), "type": type(e).__name__}))
         print(f"sisa-ray: error: {e}", file=sys.stderr)

@@ -236,9 +236,10 @@ def read_parquet(path: str, n_classes: int | None = None, name: str | None = Non
 
 def load_dataset(
     name: str, *, data_dir: str | None = None, download: bool = False,
-    test: str | None = None,
+    test: str | None = None, n_classes: int | None = None,
 ) -> tuple[SampleSet, SampleSet | None]:
-    """Return ``(train, test)`` for a dataset name as the CLI takes it."""
+    """Return ``(train, test)`` for a dataset name as the CLI takes it. ``n_classes`` fixes the
+    number of classes of Parquet data (otherwise the largest label present + 1)."""
     if name == "digits":
         return load_digits()
     if name == "diabetes":
@@ -252,9 +253,9 @@ def load_dataset(
         if test is not None:
             if not test.startswith("parquet:"):
                 raise ValueError(f"--test must be parquet:PATH. Got {test!r}.")
-            test_set = read_parquet(test[len("parquet:"):])
-        train = read_parquet(name[len("parquet:"):])
-        if test_set is not None:
+            test_set = read_parquet(test[len("parquet:"):], n_classes)
+        train = read_parquet(name[len("parquet:"):], n_classes)
+        if test_set is not None and n_classes is None:
             n_classes = max(train.n_classes, test_set.n_classes)
             if train.task == "classification":
                 train = SampleSet(ids=train.ids, features=train.features, labels=train.labels,

@@ -4,21 +4,14 @@
 >>> ens.predict(test.features)                                      # doctest: +SKIP
 >>> report = ens.unlearn([3, 17, 42])                               # doctest: +SKIP
 
-Deletion protocol (see DESIGN.md, "Durability and recovery"):
-
-1. validate the ids (read-only: unknown ids are an error and nothing changes);
-2. append the request to the ledger, durably: from here on it is acknowledged;
-3. retrain every affected shard from its last clean slice into new versioned files;
-4. replace the manifest atomically (the deletion is now live);
-5. append ``completed`` to the ledger, then delete the files of the old versions.
-
-A crash anywhere leaves the old or the new manifest. Opening the store again finishes every
-acknowledged request that is not completed (:meth:`SISAEnsemble.open` does it first).
+The facade stays thin: the deletion protocol lives in :mod:`sisa_ray.deletion`, the ledger, the
+manifest and the store in :mod:`sisa_ray.core`. Reads never take the writer lock: ``predict`` and
+``status`` read the live manifest (and notice a newer generation before answering), so they keep
+working while a writer retrains.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 import time
@@ -29,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from .core.aggregation import aggregate, aggregate_regression
-from .core.checkpoint import Checkpoint, sha256, states_identical
+from .core.checkpoint import Checkpoint, ids_digest, sha256, states_identical
 from .core.config import ResourceConfig, SISAConfig
 from .core.data import SampleSet
 from .core.ledger import Ledger
@@ -39,63 +32,35 @@ from .core.manifest import (
     Manifest,
     ShardEntry,
     collect_garbage,
+    live_generation,
     read_manifest,
     shard_dir,
     write_manifest,
 )
-from .core.plan import DeletionPlan, ShardPlan, assign, epochs_per_step, sample_steps
-from .core.store import Store, StoreError
-from .shard import TrainJob, _parquet_bytes, read_store_meta
+from .core.plan import ShardPlan, assign
+from .core.runtime import current_cpu_capability, pinned_env
+from .core.store import LockTimeout, Store, StoreError
+from .deletion import (
+    DeletionContext,
+    ShardRetrain,
+    UnlearnReport,
+    resurrected,
+    validate_ids,
+)
+from .deletion import recover as recover_requests
+from .deletion import unlearn as unlearn_request
+from .shard import STORE_FORMAT, TrainJob, _parquet_bytes, read_store_meta
 
 log = logging.getLogger(__name__)
 
 TEST_DATA = "data/test.parquet"
 
+__all__ = ["NotFittedError", "SISAEnsemble", "ShardRetrain", "UnlearnReport", "VerifyReport",
+           "validate_ids", "load_states"]
+
 
 class NotFittedError(RuntimeError):
     """The ensemble has no trained state yet."""
-
-
-@dataclass
-class ShardRetrain:
-    shard: int
-    restart_slice: int
-    deleted: int
-    sample_steps: int
-    seconds: float
-    train_seconds: float = 0.0
-
-
-@dataclass
-class UnlearnReport:
-    """What a deletion request did."""
-
-    request_id: str
-    ids: list[int]
-    deleted: list[int]
-    already_deleted: list[int]
-    shards: list[ShardRetrain]
-    retrained_sample_steps: int
-    full_retrain_sample_steps: int
-    wall_seconds: float
-    duplicate_request: bool = False
-
-    @property
-    def sample_step_speedup(self) -> float:
-        if self.retrained_sample_steps == 0:
-            return float("inf")
-        return self.full_retrain_sample_steps / self.retrained_sample_steps
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["sample_step_speedup"] = self.sample_step_speedup
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> UnlearnReport:
-        d = {k: v for k, v in d.items() if k != "sample_step_speedup"}
-        d["shards"] = [ShardRetrain(**s) for s in d["shards"]]
-        return cls(**d)
 
 
 @dataclass
@@ -104,34 +69,10 @@ class VerifyReport:
     shards: list[dict] = field(default_factory=list)
     predictions_identical: bool | None = None
     seconds: float = 0.0
+    resurrected_ids: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _default_request_id(ids: np.ndarray) -> str:
-    return "req-" + hashlib.sha256(np.sort(ids).tobytes()).hexdigest()[:16]
-
-
-def validate_ids(ids) -> np.ndarray:
-    """Parse a deletion request's ids: a non-empty collection of integers."""
-    if isinstance(ids, (str, bytes)) or np.ndim(ids) == 0:
-        raise TypeError(
-            f"ids must be a list of integer sample ids. Got {type(ids).__name__}: {ids!r}."
-        )
-    arr = np.asarray(list(ids), dtype=object)
-    if arr.size == 0:
-        raise ValueError("The deletion request is empty: give at least one sample id.")
-    bad = [
-        v for v in arr.tolist()
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer))
-    ]
-    if bad:
-        raise TypeError(
-            f"Sample ids must be integers. Got non-integer value(s): {bad[:10]}. "
-            "Pass the int64 ids shown by `sisa-ray status` or your data's 'id' column."
-        )
-    return np.unique(np.asarray(arr.tolist(), dtype=np.int64))
 
 
 class SISAEnsemble:
@@ -178,9 +119,15 @@ class SISAEnsemble:
             self.executor = make_executor(self.backend, self.resources, self.address)
         return self.executor
 
-    def _bind(self) -> None:
+    def _prepare(self, shards=None) -> None:
+        """Start (or find) the workers, pinned to the store's runtime. Workers on a node that
+        cannot honour it refuse here, before a deletion is acknowledged."""
         cfg = self.config_
-        self._executor().bind(self.store_.uri, cfg.sharding.n_shards, cfg.training.threads)
+        self._executor().bind(self.store_.uri, cfg.sharding.n_shards, cfg.training.threads,
+                              env=pinned_env(cfg.training))
+
+    def _context(self) -> DeletionContext:
+        return DeletionContext(self.store_, self.config_, self._executor(), self._prepare)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "manifest_"):
@@ -195,7 +142,8 @@ class SISAEnsemble:
         """Train every shard, slice by slice, in parallel; checkpoint after each slice.
 
         On a store that already holds this config and data, training resumes (finished stores
-        are left as they are). A store holding another config or data is refused unchanged.
+        are left as they are). A store holding another config or data is refused unchanged,
+        unless its training never finished: nothing was ever live there, so it starts over.
         """
         if not isinstance(data, SampleSet):
             raise TypeError(
@@ -203,62 +151,68 @@ class SISAEnsemble:
             )
         if len(data) == 0:
             raise ValueError("fit got an empty training set; give at least one sample.")
-        if test is not None and (test.n_classes != data.n_classes or test.task != data.task):
-            raise ValueError(
-                f"The test set has n_classes={test.n_classes} but the training set has "
-                f"{data.n_classes}; they must match."
-            )
         config = self.config or SISAConfig()
         if not isinstance(config, SISAConfig):
             raise TypeError(f"config must be a SISAConfig. Got {type(config).__name__}.")
+        config = config.resolve(n_classes=data.n_classes, input_shape=data.input_shape,
+                                cpu_capability=current_cpu_capability())
+        check_data(config, data, "the training set")
+        if test is not None:
+            if test.task != data.task:
+                raise ValueError(f"The test set is {test.task} but the training set is "
+                                 f"{data.task}; they must match.")
+            check_data(config, test, "the test set")
         store = Store(self.store or tempfile.mkdtemp(prefix="sisa-ray-"))
-        if not store.exists(STORE_META) and not store.is_empty():
+        store.check_usable()
+        if store.read_optional(STORE_META) is None and not store.is_empty():
             raise ValueError(
                 f"The store {store.location} is not empty and holds no sisa-ray ensemble. "
                 "Choose an empty or new directory for --store."
             )
-        with store.writer_lock():
-            return self._fit_locked(store, config, data, test, progress)
+        with store.writer_lock() as lock:
+            return self._fit_locked(store, config, data, test, lock, progress)
 
     def _fit_locked(self, store: Store, config: SISAConfig, data: SampleSet,
-                    test: SampleSet | None, progress) -> SISAEnsemble:
+                    test: SampleSet | None, lock, progress) -> SISAEnsemble:
         fingerprint = data.fingerprint()
+        t = config.training
         meta = {
-            "format": 1,
+            "format": STORE_FORMAT,
             "config": config.to_dict(),
             "config_hash": config.config_hash(),
             "dataset": {
-                "name": data.name, "n_classes": data.n_classes, "task": data.task,
-                "input_shape": list(data.input_shape), "n_train": len(data),
+                "name": data.name, "n_classes": t.n_classes, "task": data.task,
+                "input_shape": list(t.input_shape), "n_train": len(data),
                 "n_test": 0 if test is None else len(test), "fingerprint": fingerprint,
             },
         }
-        if store.exists(STORE_META):
-            old = store.read_json(STORE_META)
-            if old.get("config_hash") != meta["config_hash"]:
-                raise ValueError(
-                    f"The store {store.location} holds an ensemble trained with another config "
-                    f"(hash {old.get('config_hash')}, this one {meta['config_hash']}). Use a new "
-                    "--store, or the same config to resume."
-                )
-            if old["dataset"].get("fingerprint") != fingerprint:
-                raise ValueError(
-                    f"The store {store.location} holds an ensemble trained on other data "
-                    f"(fingerprint {old['dataset'].get('fingerprint')}, this data {fingerprint}). "
-                    "Use a new --store for new data."
-                )
+        if store.read_optional(STORE_META) is not None:
+            old = read_store_meta(store)
             if read_manifest(store) is not None:
+                if old["config_hash"] != meta["config_hash"]:
+                    raise ValueError(
+                        f"The store {store.location} holds an ensemble trained with another "
+                        f"config (hash {old['config_hash']}, this one {meta['config_hash']}). "
+                        "Use a new --store, or the same config to resume."
+                    )
+                if old["dataset"].get("fingerprint") != fingerprint:
+                    raise ValueError(
+                        f"The store {store.location} holds an ensemble trained on other data "
+                        f"(fingerprint {old['dataset'].get('fingerprint')}, this data "
+                        f"{fingerprint}). Use a new --store for new data."
+                    )
                 log.info("store %s already trained; opening it", store.location)
                 self._attach(store)
-                self._recover(progress)
+                self._run_recovery(lock, progress)
                 return self
-        elif not store.is_empty():
-            raise ValueError(
-                f"The store {store.location} is not empty and holds no sisa-ray ensemble. "
-                "Choose an empty or new directory for --store."
-            )
-        else:
-            store.write_json(STORE_META, meta)
+            if old["config_hash"] != meta["config_hash"] or \
+                    old["dataset"].get("fingerprint") != fingerprint:
+                log.warning("training of %s never finished; starting over with this config",
+                            store.location)
+            for rel in store.list(""):  # nothing was ever live: clear the unfinished attempt
+                if rel != ".lock":
+                    store.delete(rel)
+        store.write_json(STORE_META, meta)
         if test is not None:
             store.write_table(TEST_DATA, test.to_arrow())
 
@@ -272,20 +226,19 @@ class SISAEnsemble:
 
         self.store_, self.config_ = store, config
         self.meta_ = meta
-        self._bind()
+        self._prepare()
         t0 = time.perf_counter()
         results = self._executor().run_jobs(jobs, progress)
         self.fit_seconds_ = time.perf_counter() - t0
         self.fit_results_ = results
         manifest = Manifest(
             generation=1, config_hash=meta["config_hash"], data_fingerprint=fingerprint,
-            shards=[ShardEntry.from_dict(r["entry"]) for r in results],
+            shards=[ShardEntry.from_dict(r["entry"]) for r in results], token=lock.token,
         )
-        write_manifest(store, manifest)
+        write_manifest(store, manifest, lock)
         collect_garbage(store, manifest)
-        self.manifest_ = manifest
+        self._attach(store)
         self._executor().reload()
-        self.classes_ = np.arange(data.n_classes)
         return self
 
     @classmethod
@@ -294,20 +247,31 @@ class SISAEnsemble:
         address: str | None = None, vote: str = "hard", executor=None, recover: bool = True,
         progress=None,
     ) -> SISAEnsemble:
-        """Open a trained store and finish any acknowledged but incomplete deletion."""
+        """Open a trained store. Starts no worker; workers start when a command needs them.
+
+        With ``recover`` (the default), acknowledged but unfinished deletions are finished, and
+        deleted ids that came back (a restored backup) are deleted again, if no other writer is
+        at work (that writer finishes them); ``open`` never waits for a writer.
+        """
         ens = cls(
             None, store=store, backend=backend, resources=resources, address=address,
             vote=vote, executor=executor,
         )
         st = Store(store)
-        meta = read_store_meta(st)
-        ens.config = SISAConfig.from_dict(meta["config"])
+        st.check_usable()
         ens._attach(st)
-        if recover:
-            ens._recover(progress)
+        ens.config = ens.config_
+        if recover and (ens.pending_ or ens.resurrected_):
+            try:
+                with st.writer_lock(timeout=0) as lock:
+                    ens._run_recovery(lock, progress)
+            except LockTimeout:
+                log.info("another writer is at work on %s; serving the live state",
+                         st.location)
         return ens
 
     def _attach(self, store: Store) -> None:
+        """Read the live state (metadata, manifest, what the ledger says is outstanding)."""
         meta = read_store_meta(store)
         manifest = read_manifest(store)
         if manifest is None:
@@ -323,30 +287,50 @@ class SISAEnsemble:
                 f"store.json {meta['config_hash']}. The store mixes two trainings."
             )
         self.manifest_ = manifest
-        self.classes_ = np.arange(int(meta["dataset"]["n_classes"]))
+        self.classes_ = np.arange(self.config_.training.n_classes)
+        ctx = self._context_readonly()
+        self.pending_ = [r.request_id for r in ctx.ledger.pending()]
+        self.resurrected_ = resurrected(ctx, manifest).tolist()
 
-    def _recover(self, progress=None) -> list[UnlearnReport]:
-        """Finish acknowledged deletions, then remove files no manifest references."""
-        with self.store_.writer_lock():
-            return self._recover_locked(progress)
+    def _context_readonly(self) -> DeletionContext:
+        return DeletionContext(self.store_, self.config_, None, None)
 
-    def _recover_locked(self, progress=None) -> list[UnlearnReport]:
-        self.manifest_ = read_manifest(self.store_)  # another writer may have moved it on
-        reports = []
-        for req in Ledger(self.store_).pending():
-            log.warning("finishing acknowledged deletion request %s", req.request_id)
-            reports.append(self._apply(req.request_id, np.asarray(req.ids, np.int64), progress))
-        collect_garbage(self.store_, self.manifest_)
-        self._bind()
-        self._executor().reload()
+    def recover(self, progress=None) -> list[UnlearnReport]:
+        """Finish acknowledged deletions and re-delete ids that came back; waits for the lock."""
+        self._check_fitted()
+        with self.store_.writer_lock() as lock:
+            return self._run_recovery(lock, progress)
+
+    def _run_recovery(self, lock, progress=None) -> list[UnlearnReport]:
+        reports = recover_requests(self._context(), lock, progress)
+        self._attach(self.store_)
         return reports
 
     # -- prediction --------------------------------------------------------------------------------
+
+    def refresh(self) -> bool:
+        """Reload if another handle or process made a newer generation live; return whether it
+        did. Costs one read of the small manifest pointer."""
+        self._check_fitted()
+        if live_generation(self.store_) == self.manifest_.generation:
+            return False
+        self._attach(self.store_)
+        if self.executor is not None:
+            self.executor.reload()
+        return True
 
     def shard_proba(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each shard's probabilities, shape (S, N, C), and the mask of voting shards."""
         self._check_fitted()
         features = self._check_features(features)
+        self.refresh()
+        if self.resurrected_:
+            raise StoreError(
+                f"{self.store_.location}: ids {self.resurrected_[:20]} were deleted (the ledger "
+                "says so) but are live again, e.g. after a restore from backup. Refusing to "
+                "predict with them. Run `sisa-ray recover --store ...` to delete them again."
+            )
+        self._prepare()
         outs = self._executor().predict_proba(features)
         n_classes = len(self.classes_)
         probs = np.zeros((len(outs), features.shape[0], n_classes))
@@ -357,10 +341,16 @@ class SISAEnsemble:
         return probs, active
 
     def _check_features(self, features) -> np.ndarray:
-        x = np.asarray(features, dtype=np.float32)
-        shape = tuple(self.meta_["dataset"]["input_shape"])
+        shape = tuple(self.config_.training.input_shape)
+        flat = int(np.prod(shape))
+        try:
+            x = np.asarray(features, dtype=np.float32)
+        except ValueError as e:  # ragged nested lists
+            raise ValueError(
+                f"Features must be an array of rows of {flat} values; got rows of different "
+                f"lengths ({e})."
+            ) from None
         if x.ndim >= 1 and x.shape[1:] != shape:
-            flat = int(np.prod(shape))
             if x.ndim == 2 and x.shape[1] == flat:
                 x = x.reshape((x.shape[0], *shape))
             else:
@@ -368,6 +358,8 @@ class SISAEnsemble:
                     f"Features have shape {x.shape[1:]} per sample; this ensemble was trained on "
                     f"{shape} (or {flat} flat values). Give features in the training format."
                 )
+        if x.ndim == 0:
+            raise ValueError("Features must be an array of samples, not a scalar.")
         if not np.isfinite(x).all():
             raise ValueError("Features contain NaN or infinite values; clean them first.")
         return x
@@ -403,16 +395,12 @@ class SISAEnsemble:
 
     def test_data(self) -> SampleSet | None:
         self._check_fitted()
-        if not self.store_.exists(TEST_DATA):
+        raw = self.store_.read_optional(TEST_DATA)
+        if raw is None:
             return None
         return SampleSet.from_arrow(self.store_.read_table(TEST_DATA))
 
     # -- deletion ----------------------------------------------------------------------------------
-
-    def _shard_ids(self, shard: int) -> np.ndarray:
-        entry = self.manifest_.shards[shard]
-        table = self.store_.read_table(entry.data.path)
-        return table.column("id").to_numpy().astype(np.int64)
 
     def unlearn(self, ids, request_id: str | None = None, progress=None) -> UnlearnReport:
         """Delete samples exactly: retrain only the affected shards from their last clean slice.
@@ -424,118 +412,30 @@ class SISAEnsemble:
         ids = validate_ids(ids)
         if request_id is not None and (not isinstance(request_id, str) or not request_id):
             raise ValueError(f"request_id must be a non-empty string. Got {request_id!r}.")
-        with self.store_.writer_lock():
-            return self._unlearn_locked(ids, request_id, progress)
+        with self.store_.writer_lock() as lock:
+            try:
+                return unlearn_request(self._context(), ids, request_id, lock, progress)
+            finally:
+                self._attach(self.store_)
 
-    def _unlearn_locked(self, ids: np.ndarray, request_id: str | None, progress):
-        self._recover_locked(progress)
-        rid = request_id or _default_request_id(ids)
-        ledger = Ledger(self.store_)
-        known = ledger.requests()
-        if rid in known:
-            prev = known[rid]
-            if sorted(prev.ids) != ids.tolist():
+    def abandon(self, request_id: str, reason: str) -> None:
+        """Give up a pending request whose retrain cannot run: the ledger records it as
+        abandoned with ``reason`` and its ids stay in the models. The operator's way out of a
+        store whose acknowledged request keeps failing; the ids can be sent again later."""
+        self._check_fitted()
+        if not isinstance(reason, str) or not reason.strip():
+            raise ValueError("Give a reason for abandoning the request (it goes in the ledger).")
+        with self.store_.writer_lock() as lock:
+            ledger = Ledger(self.store_)
+            req = ledger.state().requests.get(request_id)
+            if req is None or req.status != "pending":
+                pending = [r.request_id for r in ledger.pending()]
                 raise ValueError(
-                    f"Request id {rid!r} was already used for other ids ({len(prev.ids)} ids). "
-                    "Use a new request id for a new request."
+                    f"Request {request_id!r} is {'unknown' if req is None else req.status}; only "
+                    f"pending requests can be abandoned. Pending: {pending or 'none'}."
                 )
-            report = UnlearnReport.from_dict(prev.report)
-            report.duplicate_request = True
-            return report
-        deleted = np.asarray(self.manifest_.deleted_ids, dtype=np.int64)
-        fresh = ids[~np.isin(ids, deleted)]
-        shard_of, _ = assign(fresh, self.config_.sharding)
-        unknown: list[int] = []
-        for s in np.unique(shard_of):
-            cand = fresh[shard_of == s]
-            unknown.extend(cand[~np.isin(cand, self._shard_ids(int(s)))].tolist())
-        if unknown:
-            raise ValueError(
-                f"{len(unknown)} id(s) were never trained on in this store: {sorted(unknown)[:20]}"
-                f"{' ...' if len(unknown) > 20 else ''}. Nothing was deleted. Check the ids "
-                "against your data's 'id' column and send the request again without them."
-            )
-        self._check_restart_points(fresh)
-        ledger.acknowledge(rid, ids.tolist())
-        return self._apply(rid, ids, progress)
-
-    def _check_restart_points(self, ids: np.ndarray) -> None:
-        """Check the files a deletion of ``ids`` will start from, before acknowledging it."""
-        plan = DeletionPlan.build(ids, self.config_.sharding)
-        for s, k in plan.restart_slice.items():
-            entry = self.manifest_.shards[s]
-            for ref in [entry.data, *entry.checkpoints[:k]]:
-                if sha256(self.store_.read_bytes(ref.path)) != ref.sha256:
-                    raise StoreError(
-                        f"'{self.store_.location}/{ref.path}' is corrupt: its SHA-256 does not "
-                        "match the manifest (truncated or altered). Nothing was deleted. Restore "
-                        "the file from backup, or retrain on a new --store."
-                    )
-
-    def _apply(self, rid: str, ids: np.ndarray, progress=None) -> UnlearnReport:
-        t0 = time.perf_counter()
-        manifest = read_manifest(self.store_)
-        ledger = Ledger(self.store_)
-        cfg = self.config_
-        if rid in manifest.applied_requests:  # crashed after the swap, before the ledger entry
-            prev = self._report_from_manifest(rid, ids, manifest)
-            ledger.complete(rid, prev.to_dict())
-            self.manifest_ = manifest
-            return prev
-        already = ids[np.isin(ids, manifest.deleted_ids)]
-        to_delete = ids[~np.isin(ids, manifest.deleted_ids)]
-        plan = DeletionPlan.build(to_delete, cfg.sharding)
-        shard_of, _ = assign(to_delete, cfg.sharding)
-        jobs = []
-        for s, k in plan.restart_slice.items():
-            entry = manifest.shards[s]
-            jobs.append(TrainJob(
-                shard=s, version=entry.version + 1, data=entry.data.to_dict(), start_step=k,
-                base_checkpoints=[c.to_dict() for c in entry.checkpoints[:k]],
-                remove_ids=to_delete[shard_of == s].tolist(),
-            ))
-        self._bind()
-        results = self._executor().run_jobs(jobs, progress) if jobs else []
-        new = manifest.copy()
-        new.generation += 1
-        for r in results:
-            entry = ShardEntry.from_dict(r["entry"])
-            new.shards[entry.shard] = entry
-        new.applied_requests.append(rid)
-        new.deleted_ids = sorted(set(new.deleted_ids) | set(to_delete.tolist()))
-        epochs = epochs_per_step(cfg.training, cfg.sharding.n_slices)
-        report = UnlearnReport(
-            request_id=rid, ids=ids.tolist(), deleted=to_delete.tolist(),
-            already_deleted=already.tolist(),
-            shards=[
-                ShardRetrain(
-                    shard=j.shard, restart_slice=j.start_step, deleted=len(j.remove_ids),
-                    sample_steps=r["sample_steps"], seconds=r["seconds"],
-                    train_seconds=r["train_seconds"],
-                )
-                for j, r in zip(jobs, results)
-            ],
-            retrained_sample_steps=sum(r["sample_steps"] for r in results),
-            full_retrain_sample_steps=sum(
-                sample_steps(np.asarray(e.slice_counts), epochs) for e in new.shards
-            ),
-            wall_seconds=0.0,
-        )
-        write_manifest(self.store_, new)  # the deletion is live from here on
-        self.manifest_ = new
-        report.wall_seconds = time.perf_counter() - t0
-        ledger.complete(rid, report.to_dict())
-        collect_garbage(self.store_, new)
-        self._executor().reload()
-        return report
-
-    def _report_from_manifest(self, rid: str, ids: np.ndarray, manifest: Manifest):
-        """Report of a request whose manifest swap landed before a crash: its ids are deleted;
-        which shards it retrained is not recorded anywhere durable, so that part is empty."""
-        return UnlearnReport(
-            request_id=rid, ids=ids.tolist(), deleted=ids.tolist(), already_deleted=[],
-            shards=[], retrained_sample_steps=0, full_retrain_sample_steps=0, wall_seconds=0.0,
-        )
+            ledger.abandon(request_id, reason, lock)
+        self._attach(self.store_)
 
     # -- inspection --------------------------------------------------------------------------------
 
@@ -553,8 +453,10 @@ class SISAEnsemble:
         return load_states(self.store_, self.manifest_, all_steps)
 
     def status(self) -> dict:
+        """The live state, read from the store alone: no worker is started."""
         self._check_fitted()
         m = self.manifest_
+        ledger = Ledger(self.store_)
         return {
             "store": self.store_.location,
             "config": self.config_.to_dict(),
@@ -562,29 +464,37 @@ class SISAEnsemble:
             "dataset": self.meta_["dataset"],
             "generation": m.generation,
             "n_train_live": sum(e.n_samples for e in m.shards),
-            "deleted_ids": len(m.deleted_ids),
+            "deleted_ids": len(ledger.deleted_ids()),
+            "pending_requests": self.pending_,
+            "resurrected_ids": self.resurrected_,
             "shards": [
                 {"shard": e.shard, "n_samples": e.n_samples, "version": e.version,
                  "slice_counts": e.slice_counts, "checkpoints": len(e.checkpoints),
                  "abstains": e.n_samples == 0}
                 for e in m.shards
             ],
-            "ledger": Ledger(self.store_).summary(),
+            "ledger": ledger.summary(),
         }
 
     def verify(self, work_store: str | None = None, progress=None) -> VerifyReport:
-        """Retrain from scratch on the retained data, same config, and compare bit for bit.
+        """Check the store against the ledger, retrain from scratch on the retained data with the
+        same config, and compare bit for bit.
 
-        Every slice checkpoint of every shard is compared, and the predictions on the stored
+        Every id the ledger calls deleted must be absent from every shard's data, and every
+        checkpoint must have seen exactly the retained ids of its slices; then every slice
+        checkpoint of every shard is compared with a fresh fit, and the predictions on the stored
         test split (when there is one). ``work_store`` is where the scratch ensemble is trained
         (a temporary directory by default; on a cluster give shared storage).
         """
         self._check_fitted()
+        self.refresh()
         t0 = time.perf_counter()
+        back = resurrected(self._context_readonly(), self.manifest_, everything=True).tolist()
         retained = self.retained_data()
         retained = SampleSet(
             ids=retained.ids, features=retained.features, labels=retained.labels,
-            n_classes=retained.n_classes, name=self.meta_["dataset"]["name"], task=retained.task,
+            n_classes=self.config_.training.n_classes, name=self.meta_["dataset"]["name"],
+            task=retained.task,
         )
         tmp = None
         if work_store is None:
@@ -597,6 +507,7 @@ class SISAEnsemble:
             ).fit(retained, progress=progress)
             mine = load_states(self.store_, self.manifest_, all_steps=True)
             theirs = load_states(fresh.store_, fresh.manifest_, all_steps=True)
+            seen = checkpoint_digests_match(self.store_, self.manifest_, self.config_)
             shards = []
             for s, (a, b) in enumerate(zip(mine, theirs)):
                 diffs = [
@@ -604,11 +515,12 @@ class SISAEnsemble:
                     for step, (x, y) in enumerate(zip(a, b))
                 ]
                 diffs = [d for d in diffs if d["tensors"]]
-                same = not diffs and len(a) == len(b)
-                shards.append({"shard": s, "identical": same, "steps": len(a), "diffs": diffs})
+                same = not diffs and len(a) == len(b) and seen[s]
+                shards.append({"shard": s, "identical": same, "steps": len(a), "diffs": diffs,
+                               "ids_digests_match": seen[s]})
             test = self.test_data()
             preds_same = None
-            if test is not None and len(test) and self.manifest_.shards:
+            if test is not None and len(test) and self.manifest_.shards and not back:
                 p1, a1 = self.shard_proba(test.features)
                 p2, a2 = fresh.shard_proba(test.features)
                 preds_same = bool(np.array_equal(p1, p2) and np.array_equal(a1, a2))
@@ -616,12 +528,45 @@ class SISAEnsemble:
         finally:
             if tmp is not None:
                 tmp.cleanup()
-        identical = all(s["identical"] for s in shards) and preds_same is not False
-        return VerifyReport(identical, shards, preds_same, time.perf_counter() - t0)
+        identical = all(s["identical"] for s in shards) and preds_same is not False and not back
+        return VerifyReport(identical, shards, preds_same, time.perf_counter() - t0, back)
 
     def close(self) -> None:
         if self.executor is not None:
             self.executor.shutdown()
+
+
+def check_data(config: SISAConfig, data: SampleSet, what: str) -> None:
+    """Refuse data that does not fit the config's pinned model shape, before anything is written."""
+    t = config.training
+    if tuple(data.input_shape) != tuple(t.input_shape):
+        raise ValueError(
+            f"Samples of {what} have shape {data.input_shape}, but the model takes "
+            f"{tuple(t.input_shape)} (input_shape). Give data of that shape."
+        )
+    if data.task == "regression":
+        if t.n_classes != 1:
+            raise ValueError(f"Regression has one output; n_classes must be 1, got {t.n_classes}.")
+    elif len(data) and int(data.labels.max()) >= t.n_classes:
+        raise ValueError(
+            f"{what} has label {int(data.labels.max())}, but n_classes is {t.n_classes}: labels "
+            f"must lie in [0, {t.n_classes}). Raise n_classes (--n-classes) or fix the labels."
+        )
+
+
+def checkpoint_digests_match(store: Store, manifest: Manifest, config: SISAConfig) -> list[bool]:
+    """Per shard: does every checkpoint record exactly the retained ids of its slices?"""
+    out = []
+    for e in manifest.shards:
+        ids = store.read_table(e.data.path, columns=["id"]).column("id").to_numpy()
+        _, slice_of = assign(ids, config.sharding)
+        ok = True
+        for step, ref in enumerate(e.checkpoints):
+            ck = Checkpoint.from_bytes(store.read_bytes(ref.path), where=f"{store.location}/"
+                                       f"{ref.path}", expected_sha256=ref.sha256)
+            ok &= ck.ids_digest == ids_digest(ids[slice_of <= step])
+        out.append(bool(ok))
+    return out
 
 
 def load_states(store: Store, manifest: Manifest, all_steps: bool = False) -> list:

@@ -37,7 +37,10 @@ class LocalExecutor:
         self._trainers: dict[int, Any] = {}
         self._store_uri: str | None = None
 
-    def bind(self, store_uri: str, n_shards: int, threads: int = 1) -> None:
+    def bind(self, store_uri: str, n_shards: int, threads: int = 1,
+             env: dict[str, str] | None = None) -> None:
+        # In-process trainers cannot change this process's environment; each checks that the
+        # process honours the store's pinned runtime and refuses otherwise.
         if store_uri != self._store_uri:
             self._trainers = {}
             self._store_uri = store_uri
@@ -108,7 +111,8 @@ class RayExecutor:
         self._threads = 1
         self.startup_seconds = 0.0
 
-    def bind(self, store_uri: str, n_shards: int, threads: int = 1) -> None:
+    def bind(self, store_uri: str, n_shards: int, threads: int = 1,
+             env: dict[str, str] | None = None) -> None:
         import ray
 
         ensure_ray(self.address)
@@ -117,6 +121,8 @@ class RayExecutor:
         self.shutdown()
         self._store_uri, self._threads = store_uri, threads
         cls = ray.remote(
+            # the store's pinned runtime (CPU capability), set before torch loads in the actor
+            runtime_env={"env_vars": dict(env or {})},
             num_cpus=self.resources.num_cpus,
             num_gpus=self.resources.num_gpus,
             max_restarts=self.max_restarts,
@@ -128,8 +134,13 @@ class RayExecutor:
         )(self.trainer_cls)
         t0 = time.perf_counter()
         self._actors = [cls.remote(store_uri, s) for s in range(n_shards)]
-        # Wait for every actor process to be up, so start-up is not billed to training.
-        ray.get([a.ping.remote() for a in self._actors])
+        # Wait for every actor process to be up, so start-up is not billed to training; an actor
+        # that refuses the store's runtime fails here, before anything is recorded.
+        try:
+            ray.get([a.ping.remote() for a in self._actors])
+        except ray.exceptions.ActorDiedError as e:
+            self.shutdown()
+            raise _start_error(e) from None
         self.startup_seconds = time.perf_counter() - t0
         log.info("%d shard actors ready in %.1fs", n_shards, self.startup_seconds)
 
@@ -193,6 +204,18 @@ class RayExecutor:
                 pass
         self._actors = []
         self._store_uri = None
+
+
+def _start_error(e: Exception) -> Exception:
+    """The one-line reason a shard actor could not start (its constructor's exception)."""
+    from .core.runtime import RuntimeMismatch
+
+    text = str(e)
+    for cls in (RuntimeMismatch,):
+        marker = f"{cls.__name__}: "
+        if marker in text:
+            return cls(text.split(marker, 1)[1].strip().splitlines()[0])
+    return RuntimeError(f"A shard actor failed to start: {text.strip().splitlines()[-1]}")
 
 
 def make_executor(

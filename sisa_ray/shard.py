@@ -22,6 +22,7 @@ from .core.config import SISAConfig
 from .core.data import SampleSet
 from .core.manifest import FileRef, ShardEntry, read_manifest, shard_dir
 from .core.plan import assign
+from .core.runtime import check_runtime
 from .core.store import Store, StoreError
 from .core.training import (
     deterministic_torch,
@@ -61,31 +62,48 @@ class TrainResult:
 
 
 def read_store_meta(store: Store) -> dict:
+    """``store.json``, checked: its format, and that it holds a config."""
     from .core.manifest import STORE_META
 
-    if not store.exists(STORE_META):
+    raw = store.read_optional(STORE_META)
+    if raw is None:
         raise StoreError(
             f"No sisa-ray ensemble at {store.location}. Train one first: "
             f"`sisa-ray train --store {store.location}`."
         )
-    return store.read_json(STORE_META)
+    meta = store.read_json(STORE_META, raw)
+    if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise StoreError(
+            f"{store.location}/{STORE_META} has format {got!r}; this sisa-ray reads format "
+            f"{STORE_FORMAT}. Use the sisa-ray version that wrote the store, or train a new one."
+        )
+    missing = [k for k in ("config", "config_hash", "dataset") if k not in meta]
+    if missing:
+        raise StoreError(
+            f"{store.location}/{STORE_META} lacks {missing}: it was edited or cut short. "
+            "Restore it from backup, or train a new store."
+        )
+    return meta
+
+
+STORE_FORMAT = 2
 
 
 class ShardTrainer:
     """Owns shard ``shard`` of the ensemble stored at ``store_uri``."""
 
-    def __init__(self, store_uri: str, shard: int, device: str | None = None) -> None:
+    def __init__(self, store_uri: str, shard: int) -> None:
         self.store = Store(store_uri)
         self.shard = shard
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
         meta = read_store_meta(self.store)
         self.config = SISAConfig.from_dict(meta["config"])
         self.config_hash = meta["config_hash"]
-        self.input_shape = tuple(meta["dataset"]["input_shape"])
-        self.n_classes = int(meta["dataset"]["n_classes"])
-        self.task = meta["dataset"].get("task", "classification")
+        # the pinned runtime: refuse here, before anything is trained, on a node that differs
+        self.device = check_runtime(self.config.training, where=f"The worker of shard {shard}")
+        self.input_shape = self.config.training.input_shape
+        self.n_classes = self.config.training.n_classes
+        self.task = meta["dataset"]["task"]
         torch.set_num_threads(self.config.training.threads)
         # A first optimizer import pulls in torch._dynamo (seconds of CPU). Pay it at start-up,
         # once per process, rather than inside the first (timed) training job.

@@ -71,7 +71,8 @@ def test_train_delete_predict_status_verify(tmp_path, capsys, parquet_data, tiny
 
     code, out, _ = run(capsys, "status", *common)
     st = json.loads(out)
-    assert st["ledger"] == {"requests": 2, "completed": 2, "pending": 0, "deleted_ids": 4}
+    assert st["ledger"] == {"requests": 2, "completed": 2, "pending": 0, "abandoned": 0,
+                            "deleted_ids": 4}
     assert st["deleted_ids"] == 4 and st["n_train_live"] == len(train) - 4
 
     code, out, _ = run(capsys, "verify", *common)

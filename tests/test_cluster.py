@@ -119,7 +119,7 @@ def test_shard_actor_killed_during_deletion(ray_session, tmp_path):
     recovered = time.monotonic() - killed_at
     assert not errors, errors
     print(f"\n[cluster] shard actor killed mid-retrain; deletion finished {recovered:.1f}s later")
-    assert read_manifest(Store(str(store))).deleted_ids == [victim]
+    assert sorted(Ledger(Store(str(store))).deleted_ids()) == [victim]
     ens.close()
     assert_same_as_local(store, cfg, tmp_path, deleted=[victim])
 
@@ -155,7 +155,8 @@ def test_driver_killed_during_deletion_is_finished_by_the_next_command(ray_sessi
     assert out.returncode == 0, out.stderr[-2000:]
     st = json.loads(out.stdout)
     print(f"\n[cluster] driver SIGKILLed mid-deletion; `status` finished it in {recovered:.1f}s")
-    assert st["ledger"] == {"requests": 1, "completed": 1, "pending": 0, "deleted_ids": 1}
+    assert st["ledger"] == {"requests": 1, "completed": 1, "pending": 0, "abandoned": 0,
+                            "deleted_ids": 1}
     assert st["generation"] == 2 and st["deleted_ids"] == 1  # applied once
     events = sorted(Path(store, "ledger").glob("*.json"))
     assert [json.loads(e.read_text())["event"] for e in events] == ["acknowledged", "completed"]
@@ -181,5 +182,5 @@ def test_concurrent_deletions_both_take_effect(ray_session, tmp_path):
     reports = [json.loads(o[0]) for o in outs]
     assert sorted(r["deleted"][0] for r in reports) == sorted([a, b])
     m = read_manifest(Store(str(store)))
-    assert sorted(m.deleted_ids) == sorted([a, b]) and m.generation == 3
+    assert sorted(Ledger(Store(str(store))).deleted_ids()) == sorted([a, b]) and m.generation == 3
     assert_same_as_local(store, cfg, tmp_path, deleted=[a, b])

@@ -25,10 +25,12 @@ def assert_ledger_consistent(store_path: str) -> None:
     live = set()
     for e in manifest.shards:
         live.update(store.read_table(e.data.path).column("id").to_pylist())
-    for req in Ledger(store).requests().values():
+    ledger = Ledger(store)
+    for req in ledger.requests().values():
         if req.status == "completed":
-            assert not live & set(req.ids), f"{req.request_id} completed but ids still live"
-            assert set(req.ids) <= set(manifest.deleted_ids)
+            ids = set(ledger.request_ids(req.request_id))
+            assert not live & ids, f"{req.request_id} completed but ids still live"
+            assert ids <= ledger.deleted_ids()
 
 
 def three_shard_victims(train, config):
@@ -42,7 +44,7 @@ def reopen_and_check(path, config, train, test, victims, tmp_path):
     ens = SISAEnsemble.open(path, backend="local")
     led = Ledger(ens.store_).requests()
     assert [r.status for r in led.values()] == ["completed"]
-    assert sorted(ens.manifest_.deleted_ids) == sorted(victims)
+    assert sorted(Ledger(ens.store_).deleted_ids()) == sorted(victims)
     assert_ledger_consistent(path)
     assert_exact(ens, config, train, test, victims, tmp_path)
     # no leftovers of old or half-written versions
@@ -130,7 +132,7 @@ def test_crash_between_manifest_swap_and_ledger_completion(tiny, tiny_config, tm
     SISAEnsemble(tiny_config, store=path, backend="local").fit(train, test)
     victims = three_shard_victims(train, tiny_config)
 
-    def dies(self, request_id, report):
+    def dies(self, request_id, report, lock):
         raise Crash("killed after the manifest swap")
 
     monkeypatch.setattr(Ledger, "complete", dies)

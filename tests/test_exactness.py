@@ -166,7 +166,9 @@ def test_verify_reports_identical_and_catches_tampering(tiny, tiny_config, tmp_p
     from sisa_ray.core.manifest import write_manifest
 
     m.shards[0].checkpoints = list(m.shards[1].checkpoints)
-    write_manifest(ens.store_, m)
+    m.generation += 1
+    with ens.store_.writer_lock() as lock:
+        write_manifest(ens.store_, m, lock)
     bad = SISAEnsemble.open(ens.store_.uri, backend="local").verify()
     assert not bad.identical
     assert [s["shard"] for s in bad.shards if not s["identical"]] == [0]

@@ -19,16 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .store import StoreError
+from .store import StoreError, sha256
 
 
 def ids_digest(ids: np.ndarray) -> str:
     """Order-independent digest of a set of sample ids."""
     return hashlib.sha256(np.sort(np.asarray(ids, dtype=np.int64)).tobytes()).hexdigest()[:16]
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass

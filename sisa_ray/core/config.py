@@ -18,6 +18,9 @@ T = TypeVar("T")
 MODELS = ("mlp", "cnn", "resnet18")
 OPTIMIZERS = ("adam", "sgd")
 EPOCH_SCHEDULES = ("sisa", "per_slice")
+DEVICES = ("cpu", "cuda")
+# the values of ATEN_CPU_CAPABILITY, i.e. the CPU kernels PyTorch dispatches to
+CPU_CAPABILITIES = ("default", "avx2", "avx512", "zvector", "vsx", "sve128", "sve256")
 
 
 def check_int(owner: str, name: str, value: Any, minimum: int) -> None:
@@ -109,6 +112,10 @@ class TrainingConfig:
     hidden: int = 128
     epoch_schedule: str = "sisa"
     threads: int = 1
+    n_classes: int | None = None
+    input_shape: tuple[int, ...] | None = None
+    device: str = "cpu"
+    cpu_capability: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("TrainingConfig", "model", self.model, MODELS)
@@ -121,6 +128,26 @@ class TrainingConfig:
         check_int("TrainingConfig", "hidden", self.hidden, 1)
         check_choice("TrainingConfig", "epoch_schedule", self.epoch_schedule, EPOCH_SCHEDULES)
         check_int("TrainingConfig", "threads", self.threads, 1)
+        if self.n_classes is not None:
+            check_int("TrainingConfig", "n_classes", self.n_classes, 1)
+        if self.input_shape is not None:
+            shape = self.input_shape
+            if (not isinstance(shape, (list, tuple)) or not shape
+                    or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape)):
+                raise ValueError(
+                    "The 'input_shape' parameter of TrainingConfig must be a non-empty list of "
+                    f"ints >= 1 (the shape of one sample). Got {shape!r} instead."
+                )
+            object.__setattr__(self, "input_shape", tuple(shape))
+        check_choice("TrainingConfig", "device", self.device, DEVICES)
+        if self.cpu_capability is not None:
+            check_choice("TrainingConfig", "cpu_capability", self.cpu_capability,
+                         CPU_CAPABILITIES)
+
+    @property
+    def resolved(self) -> bool:
+        """Whether everything the bits depend on is pinned (see :meth:`SISAConfig.resolve`)."""
+        return None not in (self.n_classes, self.input_shape, self.cpu_capability)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
@@ -166,6 +193,20 @@ class SISAConfig:
             sharding=ShardingConfig.from_dict(dict(data.get("sharding", {}))),
             training=TrainingConfig.from_dict(dict(data.get("training", {}))),
         )
+
+    def resolve(self, *, n_classes: int, input_shape: tuple[int, ...],
+                cpu_capability: str) -> SISAConfig:
+        """This config with every unset part of the pinned runtime filled in: the number of
+        outputs and the sample shape (from the dataset's definition, not from which samples are
+        left) and the CPU capability PyTorch dispatches to. Set parts are kept, so a config
+        read back from a store resolves to itself."""
+        t = self.training
+        return dataclasses.replace(self, training=dataclasses.replace(
+            t,
+            n_classes=t.n_classes if t.n_classes is not None else int(n_classes),
+            input_shape=t.input_shape if t.input_shape is not None else tuple(input_shape),
+            cpu_capability=t.cpu_capability or cpu_capability,
+        ))
 
     def config_hash(self) -> str:
         """A short, stable digest of the config (canonical JSON, sorted keys)."""

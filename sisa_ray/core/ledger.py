@@ -1,10 +1,18 @@
-"""The append-only deletion ledger.
+"""The append-only deletion ledger, with a compact checkpoint of its state.
 
-Each event is its own object ``ledger/<seq>.json`` created exclusively and durably, so appending
+Each event is its own object ``ledger/<seq>.json``, created exclusively and durably, so appending
 works the same on a local disk and on an object store (which cannot append to a file). A request
 is *acknowledged* once its ``acknowledged`` event is on durable storage, and *completed* once the
 manifest that excludes its ids is live and a ``completed`` event follows. Request ids make
 requests idempotent: the same id twice is one deletion.
+
+Reading never lists the ledger: ``ledger/state.json`` holds the folded state (every request's
+status, the ids of pending requests, every deleted id, the last sequence number folded in), and a
+reader loads it and then probes ``seq+1, seq+2, ...`` until one is missing. Sequence numbers have
+no gaps (an appender takes the first free number after the last one it saw), so the probe finds
+every newer event. The checkpoint is only a cache of the events: a stale or missing one costs a
+longer probe, never a wrong answer. Per-request bookkeeping is therefore one read of the
+checkpoint plus the events after it, however long the ledger's history.
 """
 
 from __future__ import annotations
@@ -16,19 +24,88 @@ from dataclasses import dataclass, field
 from .store import Store, StoreError
 
 LEDGER_DIR = "ledger"
+LEDGER_STATE = f"{LEDGER_DIR}/state.json"
+STATUSES = ("pending", "completed", "abandoned")
+
+
+def event_path(seq: int) -> str:
+    return f"{LEDGER_DIR}/{seq:010d}.json"
 
 
 @dataclass
 class Request:
-    request_id: str
-    ids: list[int]
-    acknowledged_at: str
-    completed_at: str | None = None
-    report: dict = field(default_factory=dict)
+    """One request as the folded ledger knows it. ``ids`` are kept only while it is pending;
+    :meth:`Ledger.request_ids` reads them from the acknowledgement otherwise."""
 
-    @property
-    def status(self) -> str:
-        return "completed" if self.completed_at else "pending"
+    request_id: str
+    ack_seq: int
+    status: str = "pending"
+    end_seq: int | None = None  # the completed/abandoned event
+    ids: list[int] | None = None
+
+    def to_dict(self) -> dict:
+        d = {"ack_seq": self.ack_seq, "status": self.status, "end_seq": self.end_seq}
+        if self.ids is not None:
+            d["ids"] = self.ids
+        return d
+
+
+@dataclass
+class LedgerState:
+    """Everything the ledger's events say, folded."""
+
+    seq: int = 0
+    requests: dict[str, Request] = field(default_factory=dict)
+    deleted: set[int] = field(default_factory=set)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": 1, "seq": self.seq,
+            "requests": {rid: r.to_dict() for rid, r in self.requests.items()},
+            "deleted_ids": sorted(self.deleted),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LedgerState:
+        if d.get("format") != 1:
+            raise StoreError(f"ledger state has format {d.get('format')!r}; this sisa-ray reads 1.")
+        reqs = {
+            rid: Request(rid, int(r["ack_seq"]), r["status"], r.get("end_seq"),
+                         None if r.get("ids") is None else [int(i) for i in r["ids"]])
+            for rid, r in d["requests"].items()
+        }
+        return cls(int(d["seq"]), reqs, {int(i) for i in d["deleted_ids"]})
+
+    def fold(self, ev: dict, where: str) -> None:
+        """Apply one event (the next in sequence)."""
+        rid, kind = ev["request_id"], ev["event"]
+        if kind == "acknowledged":
+            if rid not in self.requests:
+                self.requests[rid] = Request(rid, int(ev["seq"]), ids=[int(i) for i in ev["ids"]])
+        elif kind in ("completed", "abandoned"):
+            req = self.requests.get(rid)
+            if req is None:
+                raise StoreError(
+                    f"{where}: ledger has a {kind} event for request {rid!r} without its "
+                    "acknowledgement. The ledger was edited by hand; restore it from backup."
+                )
+            if req.status == "pending":
+                if kind == "completed":
+                    self.deleted.update(req.ids or [])
+                req.status, req.end_seq, req.ids = kind, int(ev["seq"]), None
+        else:
+            raise StoreError(f"{where}: unknown ledger event {kind!r} at seq {ev['seq']}.")
+        self.seq = int(ev["seq"])
+
+    def pending(self) -> list[Request]:
+        return sorted((r for r in self.requests.values() if r.status == "pending"),
+                      key=lambda r: r.ack_seq)
+
+    def summary(self) -> dict:
+        counts = {s: 0 for s in STATUSES}
+        for r in self.requests.values():
+            counts[r.status] += 1
+        return {"requests": len(self.requests), **counts, "deleted_ids": len(self.deleted)}
 
 
 def _now() -> str:
@@ -36,61 +113,93 @@ def _now() -> str:
 
 
 class Ledger:
-    """Deletion requests of one store, read from and appended to ``ledger/``."""
+    """Deletion requests of one store, read from and appended to ``ledger/``.
+
+    A ``Ledger`` caches the state it has read and only probes for newer events on :meth:`state`.
+    Appends take ``lock`` (the writer lock) for its fencing token and liveness check.
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._state: LedgerState | None = None
 
-    def _events(self) -> list[dict]:
-        events = []
-        for rel in self.store.list(LEDGER_DIR):
-            if not rel.endswith(".json"):
-                continue  # a leftover temporary from an interrupted write
-            events.append(self.store.read_json(rel))
-        return sorted(events, key=lambda e: e["seq"])
+    def state(self) -> LedgerState:
+        """The current state: the cached or checkpointed state plus every newer event."""
+        if self._state is None:
+            raw = self.store.read_optional(LEDGER_STATE)
+            self._state = (LedgerState() if raw is None
+                           else LedgerState.from_dict(self.store.read_json(LEDGER_STATE, raw)))
+        st = self._state
+        while True:
+            rel = event_path(st.seq + 1)
+            raw = self.store.read_optional(rel)
+            if raw is None:
+                return st
+            ev = self.store.read_json(rel, raw)
+            if int(ev.get("seq", -1)) != st.seq + 1:
+                raise StoreError(f"{self.store.location}/{rel}: its seq field is {ev.get('seq')}.")
+            st.fold(ev, self.store.location)
 
     def requests(self) -> dict[str, Request]:
-        """All requests by id, in the order they were acknowledged."""
-        out: dict[str, Request] = {}
-        for ev in self._events():
-            rid = ev["request_id"]
-            if ev["event"] == "acknowledged":
-                out.setdefault(rid, Request(rid, [int(i) for i in ev["ids"]], ev["time"]))
-            elif ev["event"] == "completed":
-                if rid not in out:
-                    raise StoreError(
-                        f"{self.store.location}: ledger has a completion for request {rid!r} "
-                        "without its acknowledgement. The ledger was edited by hand; restore it."
-                    )
-                out[rid].completed_at = ev["time"]
-                out[rid].report = ev.get("report", {})
-        return out
+        return dict(self.state().requests)
 
     def pending(self) -> list[Request]:
-        return [r for r in self.requests().values() if r.status == "pending"]
+        return self.state().pending()
 
-    def _append(self, event: dict) -> None:
-        existing = [r for r in self.store.list(LEDGER_DIR) if r.endswith(".json")]
-        seq = 1 + max((int(r.rsplit("/", 1)[-1][:-5]) for r in existing), default=0)
+    def deleted_ids(self) -> set[int]:
+        return set(self.state().deleted)
+
+    def event(self, seq: int) -> dict:
+        return self.store.read_json(event_path(seq))
+
+    def request_ids(self, request_id: str) -> list[int]:
+        """The ids of a request, from its acknowledgement."""
+        req = self.state().requests[request_id]
+        return req.ids if req.ids is not None else [int(i) for i in self.event(req.ack_seq)["ids"]]
+
+    def report(self, request_id: str) -> dict:
+        """The report recorded when the request completed (empty if it has not)."""
+        req = self.state().requests[request_id]
+        return {} if req.end_seq is None else self.event(req.end_seq).get("report", {})
+
+    def _append(self, event: dict, lock) -> int:
+        lock.check()
+        st = self.state()
+        seq = st.seq + 1
         while True:
-            event = {**event, "seq": seq, "time": _now()}
-            blob = json.dumps(event, sort_keys=True).encode()
-            if self.store.create_exclusive(f"{LEDGER_DIR}/{seq:010d}.json", blob):
-                return
-            seq += 1  # another writer took this sequence number; take the next
+            full = {**event, "seq": seq, "time": _now(), "token": lock.token}
+            blob = json.dumps(full, sort_keys=True).encode()
+            if self.store.create_exclusive(event_path(seq), blob):
+                break
+            seq += 1  # another appender took it: fold it in and take the next
+            st = self.state()
+            seq = max(seq, st.seq + 1)
+        self.state()  # fold our own event (and any before it)
+        return seq
 
-    def acknowledge(self, request_id: str, ids: list[int]) -> None:
-        """Durably record a request. Returns only once the event is on storage."""
-        self._append({"event": "acknowledged", "request_id": request_id, "ids": ids})
+    def acknowledge(self, request_id: str, ids: list[int], lock) -> int:
+        """Durably record a request. Returns its sequence number once the event is on storage."""
+        return self._append({"event": "acknowledged", "request_id": request_id,
+                             "ids": [int(i) for i in ids]}, lock)
 
-    def complete(self, request_id: str, report: dict) -> None:
-        self._append({"event": "completed", "request_id": request_id, "report": report})
+    def complete(self, request_id: str, report: dict, lock) -> int:
+        seq = self._append({"event": "completed", "request_id": request_id, "report": report},
+                           lock)
+        self.checkpoint(lock)
+        return seq
+
+    def abandon(self, request_id: str, reason: str, lock) -> int:
+        """Record that a pending request will not be applied: its ids stay in the models."""
+        seq = self._append({"event": "abandoned", "request_id": request_id, "reason": reason},
+                           lock)
+        self.checkpoint(lock)
+        return seq
+
+    def checkpoint(self, lock) -> None:
+        """Write the folded state, so later readers start from here."""
+        lock.check()
+        self.store.write_bytes(LEDGER_STATE,
+                               json.dumps(self.state().to_dict(), sort_keys=True).encode())
 
     def summary(self) -> dict:
-        reqs = self.requests().values()
-        return {
-            "requests": len(reqs),
-            "completed": sum(r.status == "completed" for r in reqs),
-            "pending": sum(r.status == "pending" for r in reqs),
-            "deleted_ids": len({i for r in reqs if r.status == "completed" for i in r.ids}),
-        }
+        return self.state().summary()

@@ -9,11 +9,15 @@ references are garbage, collected by :func:`collect_garbage`.
 from __future__ import annotations
 
 import copy
+import json
+import uuid
 from dataclasses import dataclass, field
 
-from .store import Store, StoreError
+from .store import Store, StoreError, sha256
 
 MANIFEST = "manifest.json"
+MANIFESTS_DIR = "manifests"
+FORMAT = 2
 STORE_META = "store.json"
 SHARDS_DIR = "shards"
 
@@ -60,30 +64,38 @@ class ShardEntry:
 
 @dataclass
 class Manifest:
+    """Which files are live, and how far into the ledger the live state goes.
+
+    ``applied_through`` is the ledger sequence number of the acknowledgement of the last request
+    this state applies (requests are applied in acknowledgement order), so a request acknowledged
+    at or before it is already live, and a completed request after it has come back (a restored
+    backup). ``token`` is the writer lock's fencing token of the writer that made it. ``tag`` is
+    the version tag of the pointer it was read from, for the compare-and-swap of the next write.
+    """
+
     generation: int
     config_hash: str
     data_fingerprint: str
     shards: list[ShardEntry]
-    applied_requests: list[str] = field(default_factory=list)
-    deleted_ids: list[int] = field(default_factory=list)
+    applied_through: int = 0
+    token: int = 0
+    tag: str | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict:
         return {
-            "format": 1, "generation": self.generation, "config_hash": self.config_hash,
+            "format": FORMAT, "generation": self.generation, "config_hash": self.config_hash,
             "data_fingerprint": self.data_fingerprint,
             "shards": [s.to_dict() for s in self.shards],
-            "applied_requests": list(self.applied_requests),
-            "deleted_ids": sorted(int(i) for i in self.deleted_ids),
+            "applied_through": self.applied_through, "token": self.token,
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> Manifest:
+    def from_dict(cls, d: dict, tag: str | None = None) -> Manifest:
         return cls(
             generation=int(d["generation"]), config_hash=d["config_hash"],
             data_fingerprint=d["data_fingerprint"],
             shards=[ShardEntry.from_dict(s) for s in d["shards"]],
-            applied_requests=list(d.get("applied_requests", [])),
-            deleted_ids=[int(i) for i in d.get("deleted_ids", [])],
+            applied_through=int(d["applied_through"]), token=int(d["token"]), tag=tag,
         )
 
     def copy(self) -> Manifest:
@@ -95,31 +107,89 @@ class Manifest:
         return refs
 
 
+def _pointer(store: Store) -> tuple[dict | None, str | None]:
+    raw, tag = store.read_tagged(MANIFEST)
+    if raw is None:
+        return None, None
+    ptr = store.read_json(MANIFEST, raw)
+    if not isinstance(ptr, dict) or ptr.get("format") != FORMAT:
+        got = ptr.get("format") if isinstance(ptr, dict) else ptr
+        raise StoreError(
+            f"{store.location}: {MANIFEST} has format {got!r}; "
+            f"this sisa-ray reads format {FORMAT}. Use the sisa-ray version that wrote the store."
+        )
+    return ptr, tag
+
+
+def live_generation(store: Store) -> int | None:
+    """The live generation, from the small pointer object alone (None before the first fit)."""
+    ptr, _ = _pointer(store)
+    return None if ptr is None else int(ptr["generation"])
+
+
 def read_manifest(store: Store) -> Manifest | None:
-    if not store.exists(MANIFEST):
+    ptr, tag = _pointer(store)
+    if ptr is None:
         return None
     try:
-        return Manifest.from_dict(store.read_json(MANIFEST))
+        body_raw = store.read_optional(ptr["body"])
+        if body_raw is None:
+            raise StoreError(
+                f"{store.location}: {MANIFEST} points at {ptr['body']}, which is missing: the "
+                f"store was partly restored. Restore {MANIFEST} together with {MANIFESTS_DIR}/ "
+                f"and {SHARDS_DIR}/ from the same backup."
+            )
+        if sha256(body_raw) != ptr["sha256"]:
+            raise StoreError(
+                f"{store.location}/{ptr['body']} does not match the SHA-256 in {MANIFEST}; the "
+                "manifest is corrupt. Restore the store from backup."
+            )
+        return Manifest.from_dict(store.read_json(ptr["body"], body_raw), tag)
     except (KeyError, TypeError, ValueError) as e:
         raise StoreError(
             f"{store.location}: {MANIFEST} is malformed ({e}). Restore it from backup."
         ) from e
 
 
-def write_manifest(store: Store, manifest: Manifest) -> None:
-    """Atomically make ``manifest`` the live state."""
-    store.write_json(MANIFEST, manifest.to_dict())
+def write_manifest(store: Store, manifest: Manifest, lock) -> None:
+    """Make ``manifest`` the live state: write its body to a new path, then swap the pointer.
+
+    The swap is a compare-and-swap against the pointer ``manifest`` was derived from
+    (``manifest.tag``), so a writer whose lease was taken over, or that read a state another
+    writer has since replaced, fails here instead of overwriting newer state.
+    """
+    lock.check()
+    body = json.dumps(manifest.to_dict(), indent=1, sort_keys=True).encode()
+    rel = f"{MANIFESTS_DIR}/{manifest.generation:010d}-{uuid.uuid4().hex[:8]}.json"
+    store.write_bytes(rel, body)
+    ptr = {"format": FORMAT, "generation": manifest.generation, "body": rel,
+           "sha256": sha256(body), "token": lock.token}
+    lock.check()
+    if not store.replace_if(MANIFEST, json.dumps(ptr, sort_keys=True).encode(), manifest.tag):
+        store.delete(rel)
+        raise StoreError(
+            f"{store.location}: the live manifest changed while this writer worked (another "
+            "writer, or this one's lock lease expired). Nothing was swapped in; run the command again."
+        )
+    manifest.tag = store.read_tagged(MANIFEST)[1]
 
 
 def collect_garbage(store: Store, manifest: Manifest) -> list[str]:
-    """Delete shard files the live manifest does not reference (old versions, half-written ones).
+    """Delete files the live manifest does not reference: old shard versions, half-written ones,
+    old manifest bodies, and temporaries left by interrupted writes. Call it under the writer lock.
 
     Old versions hold models and data that saw deleted samples: they must not outlive the swap.
     """
     live = manifest.referenced()
+    ptr, _ = _pointer(store)
+    keep_body = None if ptr is None else ptr["body"]
     removed = []
-    for rel in store.list(SHARDS_DIR):
-        if rel not in live:
+    for rel in store.list(SHARDS_DIR) + store.list(MANIFESTS_DIR):
+        if rel not in live and rel != keep_body:
             store.delete(rel)
+            removed.append(rel)
+    for rel in store.list(""):
+        if ".tmp-" in rel.rsplit("/", 1)[-1] and not rel.startswith((SHARDS_DIR, MANIFESTS_DIR)):
+            store.delete(rel)  # an interrupted atomic write of the pointer, ledger or metadata
             removed.append(rel)
     return removed

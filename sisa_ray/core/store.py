@@ -8,12 +8,15 @@ already all-or-nothing. Nothing is ever appended in place, so the same code work
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import io
 import json
 import logging
 import os
 import posixpath
+import threading
 import time
+import urllib.parse
 import uuid
 from typing import Any
 
@@ -22,6 +25,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
+
+
+def sha256(data: bytes) -> str:
+    """Hex SHA-256 of ``data``: how the manifest names the exact bytes of every file it points to."""
+    return hashlib.sha256(data).hexdigest()
 
 
 class StoreError(RuntimeError):
@@ -73,8 +81,16 @@ class Store:
         except FileNotFoundError as e:
             raise StoreError(f"{self.location}: missing object '{rel}'.") from e
 
-    def read_json(self, rel: str) -> Any:
-        raw = self.read_bytes(rel)
+    def read_optional(self, rel: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist (one request, no existence check)."""
+        try:
+            with self.fs.open_input_stream(self._full(rel)) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def read_json(self, rel: str, raw: bytes | None = None) -> Any:
+        raw = self.read_bytes(rel) if raw is None else raw
         try:
             return json.loads(raw)
         except ValueError as e:
@@ -82,8 +98,8 @@ class Store:
                 f"{self.location}: '{rel}' is not valid JSON (truncated or corrupt write?)."
             ) from e
 
-    def read_table(self, rel: str) -> pa.Table:
-        return pq.read_table(pa.BufferReader(self.read_bytes(rel)))
+    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(pa.BufferReader(self.read_bytes(rel)), columns=columns)
 
     def list(self, rel_dir: str) -> list[str]:
         """Relative paths of all files under ``rel_dir`` (recursive), sorted."""
@@ -103,7 +119,7 @@ class Store:
         full = self._full(rel)
         if self.is_local:
             directory = os.path.dirname(full)
-            os.makedirs(directory, exist_ok=True)
+            _makedirs_durable(directory)
             tmp = f"{full}.tmp-{uuid.uuid4().hex[:8]}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
@@ -126,16 +142,14 @@ class Store:
         """Write ``rel`` only if it does not exist yet; return whether this call created it.
 
         Local file systems get a true exclusive create (``O_EXCL`` on a fully written temporary,
-        linked into place); on object stores this is check-then-put.
+        linked into place); object stores get a conditional PUT (S3 ``If-None-Match: *``, GCS
+        ``ifGenerationMatch=0``), which the store itself decides atomically.
         """
         if not self.is_local:
-            if self.exists(rel):
-                return False
-            self.write_bytes(rel, data)
-            return True
+            return self._remote().replace_if(rel, data, None)
         full = self._full(rel)
         directory = os.path.dirname(full)
-        os.makedirs(directory, exist_ok=True)
+        _makedirs_durable(directory)
         tmp = f"{full}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
             f.write(data)
@@ -151,6 +165,31 @@ class Store:
         _fsync_dir(directory)
         return created
 
+    def read_tagged(self, rel: str) -> tuple[bytes | None, str | None]:
+        """An object's bytes and a version tag that changes whenever the object is replaced
+        (``(None, None)`` when it does not exist). Pass the tag to :meth:`replace_if`."""
+        if not self.is_local:
+            return self._remote().read_tagged(rel)
+        try:
+            data = self.read_bytes(rel)
+        except StoreError:
+            return None, None
+        return data, sha256(data)
+
+    def replace_if(self, rel: str, data: bytes, tag: str | None) -> bool:
+        """Atomically replace ``rel`` with ``data`` only if its version tag is still ``tag``
+        (``None``: only if it does not exist). Returns whether it was replaced.
+
+        Local stores compare under the writer lock, which callers hold; object stores use the
+        store's own conditional writes, so a writer whose lease was taken over cannot win.
+        """
+        if not self.is_local:
+            return self._remote().replace_if(rel, data, tag)
+        if self.read_tagged(rel)[1] != tag:
+            return False
+        self.write_bytes(rel, data)
+        return True
+
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True).encode())
 
@@ -165,95 +204,320 @@ class Store:
         except FileNotFoundError:
             pass
 
+    def check_usable(self) -> None:
+        """Refuse a location that cannot be a store (a file where a directory belongs)."""
+        if self.fs.get_file_info(self.root).type == pafs.FileType.File:
+            raise StoreError(
+                f"The store {self.location} is a file; a store is a directory. Give the path of "
+                "a new or existing store directory."
+            )
+
     def is_empty(self) -> bool:
         info = self.fs.get_file_info(self.root)
         if info.type == pafs.FileType.NotFound:
             return True
         return not [p for p in self.list("") if p != LOCK_FILE]
 
-    def writer_lock(self, timeout: float = 3600.0) -> StoreLock:
-        """Exclusive lock for everything that changes the store (fit, deletions, recovery)."""
-        return StoreLock(self, timeout)
+    def writer_lock(self, timeout: float = 3600.0, lease_s: float = 60.0) -> WriterLock:
+        """Exclusive lock for everything that changes the store (fit, deletions, recovery).
+
+        It excludes other processes, other threads and other handles of this process alike, and
+        is not re-entrant: code that holds it passes it down instead of taking it again.
+        """
+        if self.is_local:
+            return LocalLock(self, timeout)
+        from .lease import ObjectLease
+
+        return ObjectLease(self, timeout, lease_s)
+
+    def _remote(self) -> ConditionalWrites:
+        """The conditional writes of this object store (a client made once per process)."""
+        cached = self.__dict__.get("_conditional")
+        if cached is None or cached[0] != os.getpid():  # clients do not survive a fork
+            with _CLIENT_INIT:
+                cached = self.__dict__.get("_conditional")
+                if cached is None or cached[0] != os.getpid():
+                    kinds = {"s3": S3ConditionalWrites, "gcs": GCSConditionalWrites}
+                    kind = kinds.get(self.fs.type_name)
+                    if kind is None:
+                        raise StoreError(
+                            f"{self.location}: a '{self.fs.type_name}' store cannot do the "
+                            "conditional writes the writer lock needs; use a local path, s3:// "
+                            "or gs://."
+                        )
+                    cached = self._conditional = (os.getpid(), kind(self))
+        return cached[1]
 
 
 LOCK_FILE = ".lock"
 
 
-class StoreLock:
-    """An exclusive, re-entrant (per process) writer lock on a store.
+class LockTimeout(StoreError):
+    """Another writer held the lock for longer than the caller was willing to wait."""
 
-    Local stores use ``flock`` on ``<store>/.lock``: the kernel releases it when the holder dies,
-    even by SIGKILL, so a crashed writer never blocks the next one. Object stores get a lease
-    object ``.lock`` (exclusive create) that expires after ``lease_s`` seconds without renewal.
+
+class LeaseLost(StoreError):
+    """This writer's lease on an object store expired or was taken over; it must stop writing."""
+
+
+class WriterLock:
+    """What every writer lock offers: a context manager, a fencing token, and a liveness check.
+
+    ``token`` grows with every acquisition of the store's lock, so a write stamped with an older
+    token is recognisably stale; ``check()`` raises :class:`LeaseLost` when this holder may no
+    longer write (always fine for a kernel lock, which cannot expire while its holder lives).
     """
 
-    _held: dict[str, list] = {}  # root -> [count, handle]
+    token: int = 0
 
-    def __init__(self, store: Store, timeout: float = 3600.0, lease_s: float = 600.0) -> None:
-        self.store, self.timeout, self.lease_s = store, timeout, lease_s
+    def check(self) -> None:
+        return None
 
-    def __enter__(self) -> StoreLock:
-        key = self.store.uri if not self.store.is_local else self.store.root
-        held = StoreLock._held.get(key)
-        if held is not None:
-            held[0] += 1
-            return self
-        deadline = time.monotonic() + self.timeout
-        handle = self._acquire_local(deadline) if self.store.is_local else self._acquire_lease(
-            deadline)
-        StoreLock._held[key] = [1, handle]
-        return self
+    def __enter__(self) -> WriterLock:
+        raise NotImplementedError
 
     def __exit__(self, *exc) -> None:
-        key = self.store.uri if not self.store.is_local else self.store.root
-        held = StoreLock._held[key]
-        held[0] -= 1
-        if held[0] == 0:
-            del StoreLock._held[key]
-            if self.store.is_local:
-                fcntl.flock(held[1], fcntl.LOCK_UN)
-                os.close(held[1])
-            else:
-                self.store.delete(LOCK_FILE)
+        raise NotImplementedError
 
-    def _acquire_local(self, deadline: float) -> int:
-        os.makedirs(self.store.root, exist_ok=True)
+
+class LocalLock(WriterLock):
+    """``flock`` on ``<store>/.lock``, taken on a file description of its own.
+
+    ``flock`` locks belong to an open file description, so a second ``open`` of the lock file in
+    the same process (another thread, another handle) conflicts exactly like another process does.
+    The kernel releases the lock when the holder dies, even by SIGKILL, so a crashed writer never
+    blocks the next one.
+    """
+
+    def __init__(self, store: Store, timeout: float = 3600.0) -> None:
+        self.store, self.timeout = store, timeout
+        self._fd: int | None = None
+
+    def __enter__(self) -> LocalLock:
+        if self._fd is not None:
+            raise RuntimeError("This writer lock is already held; it is not re-entrant.")
+        _makedirs_durable(self.store.root)
         fd = os.open(os.path.join(self.store.root, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.timeout
         waited = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
+                break
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     os.close(fd)
-                    raise StoreError(
+                    raise LockTimeout(
                         f"{self.store.location} is locked by another sisa-ray writer (a training "
                         "or deletion in progress). Wait for it to finish and try again."
                     ) from None
                 if not waited:
                     log.info("waiting for the writer lock of %s", self.store.location)
                     waited = True
-                time.sleep(0.05)
+                time.sleep(0.02)
+        self._fd = fd
+        return self
 
-    def _acquire_lease(self, deadline: float) -> None:
-        while True:
-            lease = json.dumps({"owner": uuid.uuid4().hex,
-                                "expires": time.time() + self.lease_s}).encode()
-            if self.store.create_exclusive(LOCK_FILE, lease):
+    def __exit__(self, *exc) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+# -- object stores: conditional writes ---------------------------------------------------------------
+# pyarrow's file systems cannot make a write conditional, so the few objects that need it (the
+# lease, ledger events) go through the store's own client. Everything else stays on pyarrow.
+
+_CLIENT_INIT = threading.Lock()
+
+
+class ConditionalWrites:
+    """Conditional reads and writes of one object store, addressed like :class:`Store`.
+
+    A *tag* names one version of an object (an S3 ETag, a GCS generation): it changes whenever
+    the object is replaced, and the store itself refuses a write whose tag no longer matches.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.location = store.location
+        self.bucket, _, self.prefix = store.root.partition("/")
+
+    def _key(self, rel: str) -> str:
+        return posixpath.join(self.prefix, rel) if self.prefix else rel
+
+    def read_tagged(self, rel: str) -> tuple[bytes | None, str | None]:
+        """The object's bytes and tag, read in one request; ``(None, None)`` when absent."""
+        raise NotImplementedError
+
+    def put_if(self, rel: str, data: bytes, tag: str | None) -> str | None:
+        """Write ``data`` only if the object's tag is still ``tag`` (``None``: only if absent).
+        Returns the new object's tag, or ``None`` when the precondition failed."""
+        raise NotImplementedError
+
+    def replace_if(self, rel: str, data: bytes, tag: str | None) -> bool:
+        return self.put_if(rel, data, tag) is not None
+
+    def _no_bucket(self) -> StoreError:
+        return StoreError(
+            f"{self.location}: the bucket '{self.bucket}' does not exist. Create it first, "
+            "then run the command again."
+        )
+
+
+class S3ConditionalWrites(ConditionalWrites):
+    """S3 through boto3: ``PutObject`` with ``If-None-Match: *`` or ``If-Match: <ETag>``.
+
+    The endpoint and region come from the store URI's query (``endpoint_override``, ``scheme``,
+    ``region``), as pyarrow reads them; credentials from the standard AWS environment variables
+    and config files, or the URI's ``access_key``/``secret_key``/``session_token``.
+    """
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        try:
+            import boto3
+            import botocore.config
+            import botocore.exceptions
+        except ImportError:
+            raise StoreError(
+                f"{self.location}: s3:// stores need boto3 for their writer lock: "
+                "pip install 'sisa-ray[s3]'"
+            ) from None
+        self._errors = botocore.exceptions
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(store.uri).query))
+        endpoint = query.get("endpoint_override")
+        if endpoint and "://" not in endpoint:
+            endpoint = f"{query.get('scheme', 'https')}://{endpoint}"
+        session = boto3.session.Session(
+            aws_access_key_id=query.get("access_key"),
+            aws_secret_access_key=query.get("secret_key"),
+            aws_session_token=query.get("session_token"),
+            region_name=query.get("region"),
+        )
+        # pyarrow addresses buckets path-style whenever an endpoint is given; so do we
+        config = botocore.config.Config(
+            s3={"addressing_style": "path"} if endpoint else {}, retries={"mode": "standard"}
+        )
+        self.client = session.client("s3", endpoint_url=endpoint, config=config)
+
+    def read_tagged(self, rel: str) -> tuple[bytes | None, str | None]:
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(rel))
+            return resp["Body"].read(), resp["ETag"]
+        except self._errors.ClientError as e:
+            if _s3_code(e) in ("NoSuchKey", "404"):
+                return None, None
+            raise self._error(e, "read", rel) from None
+        except self._errors.BotoCoreError as e:
+            raise self._error(e, "read", rel) from None
+
+    def put_if(self, rel: str, data: bytes, tag: str | None) -> str | None:
+        condition = {"IfNoneMatch": "*"} if tag is None else {"IfMatch": tag}
+        try:
+            resp = self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data,
+                                          **condition)
+            return resp["ETag"]
+        except self._errors.ClientError as e:
+            # 412: the precondition failed; 409: a concurrent conditional write won the race;
+            # 404 with If-Match: the object it names is gone
+            if _s3_code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409",
+                               "NoSuchKey", "404"):
                 return None
-            try:
-                current = self.store.read_json(LOCK_FILE)
-                if current.get("expires", 0) < time.time():
-                    self.store.delete(LOCK_FILE)  # the holder died: take over its lease
-                    continue
-            except StoreError:
-                continue
-            if time.monotonic() > deadline:
-                raise StoreError(
-                    f"{self.store.location} is locked by another sisa-ray writer; try again later."
+            raise self._error(e, "conditional write", rel) from None
+        except self._errors.BotoCoreError as e:
+            raise self._error(e, "conditional write", rel) from None
+
+    def _error(self, e: Exception, what: str, rel: str) -> StoreError:
+        if isinstance(e, self._errors.ClientError):
+            code = _s3_code(e)
+            if code == "NoSuchBucket":
+                return self._no_bucket()
+            if code == "NotImplemented":
+                return StoreError(
+                    f"{self.location}: this S3 server does not support conditional writes "
+                    "(If-None-Match / If-Match on PutObject), which the writer lock needs."
                 )
-            time.sleep(0.5)
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                return StoreError(
+                    f"{self.location}: S3 refused the {what} of '{rel}' ({code}); check the AWS "
+                    "credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) and their permissions."
+                )
+            message = e.response.get("Error", {}).get("Message", "")
+            return StoreError(f"{self.location}: S3 {what} of '{rel}' failed: {code} {message}".strip())
+        return StoreError(f"{self.location}: S3 {what} of '{rel}' failed: {e}")
+
+
+def _s3_code(e) -> str:
+    return str(e.response.get("Error", {}).get("Code", ""))
+
+
+class GCSConditionalWrites(ConditionalWrites):
+    """Google Cloud Storage through ``google.cloud.storage``: generation preconditions
+    (``if_generation_match=0`` creates, ``=<generation>`` replaces). Credentials are the
+    application default ones; ``endpoint_override`` in the URI picks another endpoint."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        try:
+            from google.api_core import exceptions
+            from google.cloud import storage
+        except ImportError:
+            raise StoreError(
+                f"{self.location}: gs:// stores need google-cloud-storage for their writer lock: "
+                "pip install google-cloud-storage"
+            ) from None
+        self._errors = exceptions
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(store.uri).query))
+        endpoint = query.get("endpoint_override")
+        if endpoint and "://" not in endpoint:
+            endpoint = f"{query.get('scheme', 'https')}://{endpoint}"
+        options = {"api_endpoint": endpoint} if endpoint else None
+        self._bucket = storage.Client(client_options=options).bucket(self.bucket)
+
+    def read_tagged(self, rel: str) -> tuple[bytes | None, str | None]:
+        blob = self._bucket.blob(self._key(rel))  # a fresh Blob: it reads the live generation
+        try:
+            data = blob.download_as_bytes()
+        except self._errors.NotFound:
+            if not self._bucket.exists():
+                raise self._no_bucket() from None
+            return None, None
+        except self._errors.GoogleAPIError as e:
+            raise StoreError(f"{self.location}: GCS read of '{rel}' failed: {e}") from None
+        return data, str(blob.generation)
+
+    def put_if(self, rel: str, data: bytes, tag: str | None) -> str | None:
+        blob = self._bucket.blob(self._key(rel))
+        try:
+            blob.upload_from_string(data, content_type="application/octet-stream",
+                                    if_generation_match=0 if tag is None else int(tag))
+        except self._errors.PreconditionFailed:
+            return None
+        except self._errors.NotFound:
+            raise self._no_bucket() from None
+        except self._errors.GoogleAPIError as e:
+            raise StoreError(
+                f"{self.location}: GCS conditional write of '{rel}' failed: {e}"
+            ) from None
+        return str(blob.generation)
+
+
+def _makedirs_durable(directory: str) -> None:
+    """``os.makedirs`` that also fsyncs each new directory's parent, so the entry survives a crash."""
+    missing = []
+    d = directory
+    while d and not os.path.isdir(d):
+        missing.append(d)
+        parent = os.path.dirname(d)
+        if parent == d:
+            break
+        d = parent
+    if not missing:
+        return
+    os.makedirs(directory, exist_ok=True)
+    for d in reversed(missing):
+        _fsync_dir(os.path.dirname(d))
 
 
 def _fsync_dir(directory: str) -> None:

@@ -127,13 +127,35 @@ def train_steps(
                 for start, stop in batch_bounds(n, bs):
                     idx = order_t[start:stop]
                     optimizer.zero_grad(set_to_none=True)
-                    loss = loss_fn(model(x_all[idx]), y_all[idx])
+                    with single_sample_batch_norm(model, stop - start):
+                        loss = loss_fn(model(x_all[idx]), y_all[idx])
                     loss.backward()
                     optimizer.step()
         yield StepResult(
             step=step, n_samples=n, sample_steps=n * epochs[step],
             seconds=time.perf_counter() - t0, ids=step_ids,
         )
+
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@contextlib.contextmanager
+def single_sample_batch_norm(model: nn.Module, batch: int) -> Iterator[None]:
+    """Make a batch of one sample trainable: batch norm cannot take batch statistics of one
+    sample, so for such a batch its layers normalise with their running statistics (and do not
+    update them). A slice step left with one sample after a deletion is the only way to get one
+    (:func:`batch_bounds` never leaves a single sample at the end otherwise), and a fresh fit on
+    the same samples hits the same rule, so every step stays trainable and exact."""
+    norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS) and m.training] \
+        if batch == 1 else []
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train()
 
 
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
