@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .core.config import ResourceConfig
+from .core.runtime import check_capability
 from .shard import ShardTrainer, TrainJob
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,9 @@ class LocalExecutor:
 
     def bind(self, store_uri: str, n_shards: int, threads: int = 1,
              env: dict[str, str] | None = None) -> None:
-        # In-process trainers cannot change this process's environment; each checks that the
-        # process honours the store's pinned runtime and refuses otherwise.
+        # In-process trainers cannot change this process's environment: refuse now, before a
+        # deletion is acknowledged, if it does not honour the store's pinned runtime.
+        check_capability((env or {}).get("ATEN_CPU_CAPABILITY"))
         if store_uri != self._store_uri:
             self._trainers = {}
             self._store_uri = store_uri

@@ -37,7 +37,17 @@ def pinned_env(training: TrainingConfig) -> dict[str, str]:
 
 def check_runtime(training: TrainingConfig, where: str = "this process") -> torch.device:
     """The device to train on, after checking this process honours the pinned runtime."""
-    want = training.cpu_capability
+    check_capability(training.cpu_capability, where)
+    if training.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeMismatch(
+            f"This store trains on CUDA, but {where} has no usable GPU. Run its shards on GPU "
+            "nodes (--gpus-per-shard), or train a new store with --device cpu."
+        )
+    return torch.device(training.device)
+
+
+def check_capability(want: str | None, where: str = "this process") -> None:
+    """Refuse unless this process dispatches to the ``want`` CPU kernels (None: anything)."""
     have = current_cpu_capability()
     if want is not None and have != want:
         raise RuntimeMismatch(
@@ -46,9 +56,3 @@ def check_runtime(training: TrainingConfig, where: str = "this process") -> torc
             f"ATEN_CPU_CAPABILITY={want} (Ray workers get it automatically), on a CPU that "
             f"supports {want}; or train a new store there."
         )
-    if training.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeMismatch(
-            f"This store trains on CUDA, but {where} has no usable GPU. Run its shards on GPU "
-            "nodes (--gpus-per-shard), or train a new store with --device cpu."
-        )
-    return torch.device(training.device)
