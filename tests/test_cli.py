@@ -107,3 +107,101 @@ def test_python_dash_m_entry_point(tmp_path):
                          text=True, check=True)
     for cmd in ("train", "delete", "predict", "status", "verify"):
         assert cmd in out.stdout
+
+
+@pytest.fixture
+def cli_store(tmp_path, capsys, parquet_data):
+    tr, te = parquet_data
+    store = str(tmp_path / "store")
+    code, _, err = run(capsys, "train", "--store", store, "--backend", "local", "--quiet",
+                       "--dataset", f"parquet:{tr}", "--test", f"parquet:{te}", "--shards", "2",
+                       "--slices", "2", "--epochs", "1", "--n-classes", "10")
+    assert code == 0, err
+    return store
+
+
+@pytest.mark.parametrize("ids, message", [
+    ("1_021", r"integers \(digits, optional sign\); got \['1_021'\]"),
+    ("99999999999999999999", r"must fit in int64"),
+    ("18446744073709551615", r"must fit in int64"),
+    ("3,,x", r"got \['x'\]"),
+])
+def test_bad_ids_are_one_line_and_change_nothing(cli_store, capsys, ids, message, tmp_path):
+    before = snapshot(tmp_path / "store")
+    code, out, err = run(capsys, "delete", "--store", cli_store, "--backend", "local",
+                         "--ids", ids)
+    assert code == 2 and err.count("\n") == 1
+    import re
+    assert re.search(message, err), err
+    assert snapshot(tmp_path / "store") == before
+
+
+def test_store_that_is_a_file(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    code, _, err = run(capsys, "status", "--store", str(f), "--backend", "local")
+    assert code == 2 and "is a file; a store is a directory" in err and err.count("\n") == 1
+
+
+def _write_features(path, rows):
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"id": pa.array(range(len(rows)), pa.int64()),
+                             "features": pa.array(rows, type=pa.list_(pa.float32()))}), path)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([[0.0] * 63, [0.0] * 65], r"ragged 'features': row 0 has 63 values but row\(s\) \[1\] "
+                               r"have \[65\]"),
+    ([[0.0] * 64, None], r"'features' is null in row\(s\) \[1\]"),
+    ([], "has no rows; nothing to predict"),
+])
+def test_predict_checks_every_row(cli_store, capsys, tmp_path, rows, message):
+    src = tmp_path / "in.parquet"
+    _write_features(src, rows)
+    code, _, err = run(capsys, "predict", "--store", cli_store, "--backend", "local",
+                       "--input", str(src), "--output", str(tmp_path / "out.parquet"))
+    import re
+    assert code == 2 and re.search(message, err), err
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_already_deleted_ids_report_no_retrain(cli_store, capsys, tiny):
+    train, _ = tiny
+    common = ["--store", cli_store, "--backend", "local"]
+    assert run(capsys, "delete", *common, "--ids", str(train.ids[0]), "--quiet")[0] == 0
+    code, out, _ = run(capsys, "delete", *common, "--ids", str(train.ids[0]),
+                       "--request-id", "again")
+    assert code == 0 and "nothing to retrain" in out and "inf" not in out
+    code, out, _ = run(capsys, "delete", *common, "--ids", str(train.ids[0]),
+                       "--request-id", "again2", "--json")
+    d = json.loads(out)  # strict JSON: no Infinity
+    assert d["sample_step_speedup"] is None and d["already_deleted"] == [int(train.ids[0])]
+
+
+def test_n_classes_is_recorded_and_a_retrain_with_it_is_identical(cli_store, capsys, tmp_path,
+                                                                 tiny):
+    """Delete every sample of the top class, then retrain the reduced Parquet with the recorded
+    --n-classes: the same config hash, the same bits."""
+    from sisa_ray.ensemble import SISAEnsemble
+
+    train, _ = tiny
+    top = int(train.labels.max())
+    victims = train.ids[train.labels == top]
+    common = ["--store", cli_store, "--backend", "local", "--quiet"]
+    assert run(capsys, "delete", *common, "--ids", ",".join(map(str, victims)))[0] == 0
+    code, out, _ = run(capsys, "status", "--store", cli_store, "--backend", "local", "--json")
+    assert json.loads(out)["config"]["training"]["n_classes"] == 10
+    reduced = tmp_path / "reduced.parquet"
+    write_parquet(train.without_ids(victims), str(reduced))
+    other = str(tmp_path / "retrain")
+    assert run(capsys, "train", "--store", other, "--backend", "local", "--quiet", "--dataset",
+               f"parquet:{reduced}", "--shards", "2", "--slices", "2", "--epochs", "1",
+               "--n-classes", "10")[0] == 0
+    a = SISAEnsemble.open(cli_store, backend="local", recover=False)
+    b = SISAEnsemble.open(other, backend="local", recover=False)
+    assert a.config_.config_hash() == b.config_.config_hash()
+    from sisa_ray.core.checkpoint import states_identical
+
+    for x, y in zip(a.shard_states(), b.shard_states()):
+        assert states_identical(x, y) == []
