@@ -289,7 +289,6 @@ def apply(ctx: DeletionContext, requests: list[Request], lock,
         ))
         ctx.ledger.complete(rid, reports[-1].to_dict(), lock)
     collect_garbage(ctx.store, new)
-    ctx.executor.reload()
     return done + reports
 
 

@@ -124,7 +124,7 @@ class SISAEnsemble:
         cannot honour it refuse here, before a deletion is acknowledged."""
         cfg = self.config_
         self._executor().bind(self.store_.uri, cfg.sharding.n_shards, cfg.training.threads,
-                              env=pinned_env(cfg.training))
+                              env=pinned_env(cfg.training), config_hash=self.meta_["config_hash"])
 
     def _context(self) -> DeletionContext:
         return DeletionContext(self.store_, self.config_, self._executor(), self._prepare)
@@ -238,7 +238,6 @@ class SISAEnsemble:
         write_manifest(store, manifest, lock)
         collect_garbage(store, manifest)
         self._attach(store)
-        self._executor().reload()
         return self
 
     @classmethod
@@ -314,9 +313,7 @@ class SISAEnsemble:
         self._check_fitted()
         if live_generation(self.store_) == self.manifest_.generation:
             return False
-        self._attach(self.store_)
-        if self.executor is not None:
-            self.executor.reload()
+        self._attach(self.store_)  # workers are asked by checkpoint: they cannot serve stale
         return True
 
     def shard_proba(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -331,7 +328,8 @@ class SISAEnsemble:
                 "predict with them. Run `sisa-ray recover --store ...` to delete them again."
             )
         self._prepare()
-        outs = self._executor().predict_proba(features)
+        outs = self._executor().predict_proba(
+            features, [e.to_dict() for e in self.manifest_.shards])
         n_classes = len(self.classes_)
         probs = np.zeros((len(outs), features.shape[0], n_classes))
         active = np.zeros(len(outs), dtype=bool)

@@ -1,18 +1,29 @@
-"""Where shard trainers run: in this process (``LocalExecutor``) or as Ray actors (``RayExecutor``).
+"""Where shards train and predict: in this process (``LocalExecutor``) or on a pool of Ray actors
+(``RayExecutor``).
 
 This module and the CLI are the only parts of ``sisa_ray`` that import Ray. Both executors speak
-the same small interface, so the ensemble, the tests and failure injection do not care which runs.
+the same small interface, so the ensemble, the tests and failure injection do not care which runs:
 
-Ray actors are long-lived and own their shard (they serve predictions from the live checkpoint).
-They reserve no CPU while idle by default, because S actors that each held a CPU would deadlock on
-fewer than S CPUs; instead the driver keeps at most ``max_concurrent`` shards *training* at once,
-by default the cluster's CPUs divided by the threads per shard (or its GPUs, for GPU actors).
+* ``bind(store_uri, n_shards, threads, env)`` says which store; it starts nothing;
+* ``run_jobs(jobs, progress)`` trains, at most one job per worker at a time;
+* ``predict_proba(features, entries)`` asks each live shard model (named by its manifest entry);
+* ``placement()``, ``shutdown()``.
+
+A Ray worker hosts many shards (see :class:`~sisa_ray.shard.ShardWorker`). The pool has one worker
+per CPU of the cluster divided by the threads per shard (or per GPU, for GPU shards), started
+lazily: a deletion that retrains one shard starts one worker. Shards are served by worker
+``shard % n_workers``, so each worker's model cache holds a stable subset. On a running cluster
+(``address="auto"`` or ``RAY_ADDRESS``) the workers are detached named actors in a namespace of
+the store: the next command finds them warm, and :func:`release_workers` stops them; a worker
+whose store is gone, or that sat idle for ``idle_timeout_s``, stops itself.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,7 +32,7 @@ import numpy as np
 
 from .core.config import ResourceConfig
 from .core.runtime import check_capability
-from .shard import ShardTrainer, TrainJob
+from .shard import ShardWorker, TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -29,50 +40,47 @@ Progress = Callable[[dict], None]
 
 
 class LocalExecutor:
-    """Runs shard trainers one after another in this process. No Ray needed."""
+    """Runs shards one after another in this process. No Ray needed."""
 
     name = "local"
 
-    def __init__(self, trainer_cls: type = ShardTrainer) -> None:
-        self.trainer_cls = trainer_cls
-        self._trainers: dict[int, Any] = {}
+    def __init__(self, worker_cls: type = ShardWorker) -> None:
+        self.worker_cls = worker_cls
+        self._worker: Any = None
         self._store_uri: str | None = None
+        self.startup_seconds = 0.0
 
     def bind(self, store_uri: str, n_shards: int, threads: int = 1,
-             env: dict[str, str] | None = None) -> None:
-        # In-process trainers cannot change this process's environment: refuse now, before a
+             env: dict[str, str] | None = None, config_hash: str | None = None) -> None:
+        # In-process workers cannot change this process's environment: refuse now, before a
         # deletion is acknowledged, if it does not honour the store's pinned runtime.
         check_capability((env or {}).get("ATEN_CPU_CAPABILITY"))
         if store_uri != self._store_uri:
-            self._trainers = {}
-            self._store_uri = store_uri
+            self._worker, self._store_uri = None, store_uri
         self._n_shards = n_shards
 
-    def _trainer(self, shard: int):
-        if shard not in self._trainers:
-            self._trainers[shard] = self.trainer_cls(self._store_uri, shard)
-        return self._trainers[shard]
+    def _get(self):
+        if self._worker is None:
+            self._worker = self.worker_cls(self._store_uri)
+        return self._worker
 
     def run_jobs(self, jobs: Sequence[TrainJob], progress: Progress | None = None) -> list[dict]:
         results = []
         for job in jobs:
-            res = self._trainer(job.shard).train(job)
+            res = self._get().train(job)
             results.append(res)
             if progress:
                 progress({"shard": job.shard, "done": len(results), "total": len(jobs), **res})
         return results
 
-    def reload(self) -> list[int | None]:
-        return [self._trainer(s).reload() for s in range(self._n_shards)]
-
     def placement(self) -> list[str]:
         return ["local"] * self._n_shards
 
-    def predict_proba(self, features: np.ndarray) -> list[np.ndarray | None]:
-        return [self._trainer(s).predict_proba(features) for s in range(self._n_shards)]
+    def predict_proba(self, features: np.ndarray, entries: list[dict]) -> list[np.ndarray | None]:
+        return self._get().predict_proba(entries, features)
 
     def shutdown(self) -> None:
-        self._trainers = {}
+        self._worker = None
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -91,8 +99,59 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ray.init(**kwargs)
 
 
+def store_namespace(store_uri: str) -> str:
+    """The Ray namespace of a store's detached workers."""
+    return "sisa-ray-" + hashlib.sha256(store_uri.encode()).hexdigest()[:12]
+
+
+def joins_cluster(address: str | None) -> bool:
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
+class PooledWorker(ShardWorker):
+    """A ShardWorker that, detached on a cluster, stops itself when its store is gone or it sat
+    idle too long, so nothing outlives the store it serves."""
+
+    def __init__(self, store_uri: str, cache_mb: float = 512.0,
+                 idle_timeout_s: float | None = None) -> None:
+        super().__init__(store_uri, cache_mb)
+        self._last_call = time.monotonic()
+        if idle_timeout_s is not None:
+            threading.Thread(target=self._watch, args=(idle_timeout_s,), daemon=True).start()
+
+    def _touch(self) -> None:
+        self._last_call = time.monotonic()
+
+    def train(self, job):
+        self._touch()
+        try:
+            return super().train(job)
+        finally:
+            self._touch()
+
+    def predict_proba(self, entries, features):
+        self._touch()
+        return super().predict_proba(entries, features)
+
+    def _watch(self, idle_timeout_s: float) -> None:
+        import ray
+
+        from .core.manifest import STORE_META
+
+        period = min(30.0, idle_timeout_s / 4)
+        while True:
+            time.sleep(period)
+            gone = not self.store.exists(STORE_META)
+            idle = time.monotonic() - self._last_call > idle_timeout_s
+            if gone or idle:
+                log.info("worker of %s stops: %s", self.store.location,
+                         "store is gone" if gone else "idle")
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                return
+
+
 class RayExecutor:
-    """One named Ray actor per shard; training bounded to the cluster's capacity."""
+    """A pool of Ray actors, each hosting many shards; training bounded to the cluster."""
 
     name = "ray"
 
@@ -101,61 +160,37 @@ class RayExecutor:
         resources: ResourceConfig | None = None,
         *,
         address: str | None = None,
-        trainer_cls: type = ShardTrainer,
+        worker_cls: type = PooledWorker,
         max_restarts: int = 3,
+        idle_timeout_s: float = 3600.0,
     ) -> None:
         self.resources = resources or ResourceConfig()
         self.address = address
-        self.trainer_cls = trainer_cls
+        self.worker_cls = worker_cls
         self.max_restarts = max_restarts
-        self._actors: list[Any] = []
+        self.idle_timeout_s = idle_timeout_s
+        self._workers: dict[int, Any] = {}
         self._store_uri: str | None = None
         self._threads = 1
+        self._env: dict[str, str] = {}
+        self._config_hash: str | None = None
         self.startup_seconds = 0.0
 
     def bind(self, store_uri: str, n_shards: int, threads: int = 1,
-             env: dict[str, str] | None = None) -> None:
-        import ray
-
+             env: dict[str, str] | None = None, config_hash: str | None = None) -> None:
         ensure_ray(self.address)
-        if store_uri == self._store_uri and len(self._actors) == n_shards:
-            return
-        self.shutdown()
-        self._store_uri, self._threads = store_uri, threads
-        cls = ray.remote(
-            # the store's pinned runtime (CPU capability), set before torch loads in the actor
-            runtime_env={"env_vars": dict(env or {})},
-            num_cpus=self.resources.num_cpus,
-            num_gpus=self.resources.num_gpus,
-            max_restarts=self.max_restarts,
-            max_task_retries=self.max_restarts,
-            # two threads: predictions are served from the live model while a retrain runs
-            max_concurrency=2,
-            # spread shards over the nodes of a cluster (one node: no effect)
-            scheduling_strategy="SPREAD",
-        )(self.trainer_cls)
-        t0 = time.perf_counter()
-        self._actors = [cls.remote(store_uri, s) for s in range(n_shards)]
-        # Wait for every actor process to be up, so start-up is not billed to training; an actor
-        # that refuses the store's runtime fails here, before anything is recorded.
-        try:
-            ray.get([a.ping.remote() for a in self._actors])
-        except ray.exceptions.ActorDiedError as e:
+        self._config_hash = config_hash
+        if (store_uri, threads, dict(env or {})) != (self._store_uri, self._threads, self._env):
             self.shutdown()
-            raise _start_error(e) from None
-        self.startup_seconds = time.perf_counter() - t0
-        log.info("%d shard actors ready in %.1fs", n_shards, self.startup_seconds)
+        self._store_uri, self._threads, self._env = store_uri, threads, dict(env or {})
+        self._n_shards = n_shards
 
-    def placement(self) -> list[str]:
-        """The Ray node id each shard actor runs on."""
-        import ray
+    @property
+    def detached(self) -> bool:
+        return joins_cluster(self.address)
 
-        def node_id(_self) -> str:
-            return ray.get_runtime_context().get_node_id()
-
-        return ray.get([a.__ray_call__.remote(node_id) for a in self._actors])
-
-    def max_concurrent(self) -> int:
+    def n_workers(self) -> int:
+        """Workers of the pool: the shards that may train at once."""
         import ray
 
         if self.resources.max_concurrent is not None:
@@ -165,59 +200,150 @@ class RayExecutor:
             return max(1, int(total.get("GPU", 0) / self.resources.num_gpus))
         return max(1, int(total.get("CPU", 1)) // self._threads)
 
+    max_concurrent = n_workers
+
+    def _start(self, indices: Sequence[int]) -> None:
+        """Start (or, on a cluster, find) the workers ``indices``; wait until they answer."""
+        import ray
+
+        new = [i for i in indices if i not in self._workers]
+        if not new:
+            return
+        options: dict[str, Any] = dict(
+            num_cpus=self.resources.num_cpus,
+            num_gpus=self.resources.num_gpus,
+            max_restarts=self.max_restarts,
+            max_task_retries=self.max_restarts,
+            # two threads: predictions are served while the worker trains a shard
+            max_concurrency=2,
+            # the store's pinned runtime (CPU capability), set before torch loads in the actor
+            runtime_env={"env_vars": self._env},
+            scheduling_strategy="SPREAD",
+        )
+        idle = None
+        if self.detached:
+            ns = store_namespace(self._store_uri)
+            cfg = hashlib.sha256(repr(sorted(self._env.items())).encode()).hexdigest()[:8]
+            idle = self.idle_timeout_s
+            options.update(lifetime="detached", namespace=ns, get_if_exists=True)
+        cls = ray.remote(self.worker_cls)
+        t0 = time.perf_counter()
+        for i in new:
+            opts = dict(options)
+            if self.detached:
+                opts["name"] = f"worker-{i}-t{self._threads}-{cfg}"
+            self._workers[i] = cls.options(**opts).remote(self._store_uri, 512.0, idle)
+        # An actor that refuses the store's runtime fails here, before anything is recorded.
+        try:
+            hashes = ray.get([self._workers[i].ping.remote() for i in new])
+        except ray.exceptions.ActorDiedError as e:
+            for i in new:
+                self._workers.pop(i, None)
+            raise _start_error(e) from None
+        stale = [i for i, h in zip(new, hashes) if self._config_hash and h != self._config_hash]
+        for i in stale:  # a warm worker of an earlier store at this location: replace it
+            ray.kill(self._workers.pop(i), no_restart=True)
+        if stale:
+            time.sleep(0.5)  # let the names free up
+            return self._start(stale)
+        self.startup_seconds += time.perf_counter() - t0
+        log.info("%d worker(s) ready in %.1fs", len(new), time.perf_counter() - t0)
+
+    def placement(self) -> list[str]:
+        """The Ray node id each shard's serving worker runs on."""
+        import ray
+
+        n = self.n_workers()
+        self._start(sorted({s % n for s in range(self._n_shards)}))
+
+        def node_id(_self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+        nodes = dict(zip(self._workers, ray.get(
+            [w.__ray_call__.remote(node_id) for w in self._workers.values()])))
+        return [nodes[s % n] for s in range(self._n_shards)]
+
     def run_jobs(self, jobs: Sequence[TrainJob], progress: Progress | None = None) -> list[dict]:
         import ray
 
-        limit = self.max_concurrent()
+        n = min(self.n_workers(), len(jobs))
+        self._start(range(n))
+        idle = list(range(n))
         pending = list(jobs)
-        running: dict[Any, int] = {}
+        running: dict[Any, tuple[int, TrainJob]] = {}
         results: dict[int, dict] = {}
         while pending or running:
-            while pending and len(running) < limit:
-                job = pending.pop(0)
-                running[self._actors[job.shard].train.remote(job)] = job.shard
+            while pending and idle:
+                job, w = pending.pop(0), idle.pop(0)
+                running[self._workers[w].train.remote(job)] = (w, job)
             done, _ = ray.wait(list(running), num_returns=1)
             for ref in done:
-                shard = running.pop(ref)
-                results[shard] = ray.get(ref)
+                w, job = running.pop(ref)
+                results[job.shard] = ray.get(ref)
+                idle.append(w)
                 if progress:
-                    progress({"shard": shard, "done": len(results), "total": len(jobs),
-                              **results[shard]})
+                    progress({"shard": job.shard, "done": len(results), "total": len(jobs),
+                              **results[job.shard]})
         return [results[job.shard] for job in jobs]
 
-    def reload(self) -> list[int | None]:
+    def predict_proba(self, features: np.ndarray, entries: list[dict]) -> list[np.ndarray | None]:
         import ray
 
-        return ray.get([a.reload.remote() for a in self._actors])
-
-    def predict_proba(self, features: np.ndarray) -> list[np.ndarray | None]:
-        import ray
-
+        n = self.n_workers()
+        groups: dict[int, list[int]] = {}
+        for s, e in enumerate(entries):
+            if e["n_samples"]:
+                groups.setdefault(s % n, []).append(s)
+        self._start(sorted(groups))
         ref = ray.put(np.ascontiguousarray(features, dtype=np.float32))
-        return ray.get([a.predict_proba.remote(ref) for a in self._actors])
+        calls = {w: self._workers[w].predict_proba.remote([entries[s] for s in shards], ref)
+                 for w, shards in groups.items()}
+        out: list[np.ndarray | None] = [None] * len(entries)
+        for w, res in zip(calls, ray.get(list(calls.values()))):
+            for s, p in zip(groups[w], res):
+                out[s] = p
+        return out
 
     def shutdown(self) -> None:
+        """Forget the workers; local (non-detached) ones are stopped. Detached workers stay warm
+        for the next command (see :func:`release_workers`)."""
         import ray
 
-        for a in self._actors:
+        if not self.detached:
+            for w in self._workers.values():
+                try:
+                    ray.kill(w)
+                except Exception:  # an actor already gone is what we wanted
+                    pass
+        self._workers = {}
+
+
+def release_workers(store_uri: str, address: str | None = None) -> int:
+    """Stop the detached workers of a store on a running cluster; return how many."""
+    import ray
+
+    ensure_ray(address)
+    ns = store_namespace(store_uri)
+    stopped = 0
+    for info in ray.util.list_named_actors(all_namespaces=True):
+        if info.get("namespace") == ns:
             try:
-                ray.kill(a)
-            except Exception:  # an actor already gone is what we wanted
+                ray.kill(ray.get_actor(info["name"], namespace=ns), no_restart=True)
+                stopped += 1
+            except ValueError:  # gone in the meantime
                 pass
-        self._actors = []
-        self._store_uri = None
+    return stopped
 
 
 def _start_error(e: Exception) -> Exception:
-    """The one-line reason a shard actor could not start (its constructor's exception)."""
+    """The one-line reason a worker could not start (its constructor's exception)."""
     from .core.runtime import RuntimeMismatch
 
     text = str(e)
-    for cls in (RuntimeMismatch,):
-        marker = f"{cls.__name__}: "
-        if marker in text:
-            return cls(text.split(marker, 1)[1].strip().splitlines()[0])
-    return RuntimeError(f"A shard actor failed to start: {text.strip().splitlines()[-1]}")
+    marker = f"{RuntimeMismatch.__name__}: "
+    if marker in text:
+        return RuntimeMismatch(text.split(marker, 1)[1].strip().splitlines()[0])
+    return RuntimeError(f"A shard worker failed to start: {text.strip().splitlines()[-1]}")
 
 
 def make_executor(

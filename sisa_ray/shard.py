@@ -1,16 +1,18 @@
-"""``ShardTrainer``: the plain Python class that owns one shard.
+"""``ShardWorker``: the plain Python class that trains and serves shards.
 
-It trains its shard slice by slice from a job description, writes a checkpoint after every slice
-to a new versioned directory, and serves predictions from the live checkpoint. It knows nothing
-of Ray: the executor turns it into an actor (``ray.remote(...)(ShardTrainer)``), unit tests
-construct it directly. Every method is idempotent: running a job twice writes the same bytes to
-the same paths, because Ray may retry a call after a failure.
+It trains a shard slice by slice from a job description, writes a checkpoint after every slice
+to a new versioned directory, and serves predictions from live checkpoints. It knows nothing of
+Ray: the executor turns it into an actor (``ray.remote(...)(ShardWorker)``), unit tests construct
+it directly. Every method is idempotent: running a job twice writes the same bytes to the same
+paths, because Ray may retry a call after a failure.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -20,7 +22,7 @@ import torch
 from .core.checkpoint import Checkpoint, ids_digest, sha256
 from .core.config import SISAConfig
 from .core.data import SampleSet
-from .core.manifest import FileRef, ShardEntry, read_manifest, shard_dir
+from .core.manifest import FileRef, ShardEntry, shard_dir
 from .core.plan import assign
 from .core.runtime import check_runtime
 from .core.store import Store, StoreError
@@ -90,71 +92,84 @@ def read_store_meta(store: Store) -> dict:
 STORE_FORMAT = 2
 
 
-class ShardTrainer:
-    """Owns shard ``shard`` of the ensemble stored at ``store_uri``."""
+class ShardWorker:
+    """Trains and serves any number of shards of the ensemble stored at ``store_uri``.
 
-    def __init__(self, store_uri: str, shard: int) -> None:
+    Isolation in SISA is per shard (its own data, model, optimizer, random streams and
+    checkpoints), not per process: every job builds its shard's model from the shard's seed and
+    its own checkpoints, so one worker process hosts many shards, and the number of workers
+    follows the cluster's cores instead of the number of shards. Live models for predictions are
+    loaded on demand and kept in a least-recently-used cache bounded by ``cache_mb``; they are
+    keyed by the checkpoint's path and SHA-256, so a newer generation can never be served stale.
+    """
+
+    def __init__(self, store_uri: str, cache_mb: float = 512.0) -> None:
         self.store = Store(store_uri)
-        self.shard = shard
         meta = read_store_meta(self.store)
         self.config = SISAConfig.from_dict(meta["config"])
         self.config_hash = meta["config_hash"]
         # the pinned runtime: refuse here, before anything is trained, on a node that differs
-        self.device = check_runtime(self.config.training, where=f"The worker of shard {shard}")
+        self.device = check_runtime(self.config.training, where="This worker")
         self.input_shape = self.config.training.input_shape
         self.n_classes = self.config.training.n_classes
         self.task = meta["dataset"]["task"]
+        self.cache_bytes = int(cache_mb * 2**20)
+        self._cache: OrderedDict[tuple[str, str], tuple[torch.nn.Module, int]] = OrderedDict()
+        self._cache_lock = threading.Lock()
         torch.set_num_threads(self.config.training.threads)
         # A first optimizer import pulls in torch._dynamo (seconds of CPU). Pay it at start-up,
         # once per process, rather than inside the first (timed) training job.
-        make_optimizer(self._new_model(), self.config.training)
-        self._live: torch.nn.Module | None = None
-        self._live_version: int | None = None
-        self.reload()
+        make_optimizer(self._new_model(0), self.config.training)
+
+    def ping(self) -> str:
+        return self.config_hash
 
     # -- serving -----------------------------------------------------------------------------------
 
-    def reload(self) -> int | None:
-        """Load the live checkpoint named by the manifest; return its version (None if untrained)."""
-        manifest = read_manifest(self.store)
-        if manifest is None or self.shard >= len(manifest.shards):
-            self._live, self._live_version = None, None
-            return None
-        entry = manifest.shards[self.shard]
-        if entry.version == self._live_version:
-            return entry.version
-        if entry.n_samples == 0:
-            self._live = None  # abstains
-        else:
-            ckpt = self._load_checkpoint(entry.checkpoints[-1])
-            model = self._new_model()
-            model.load_state_dict(ckpt.model_state)
-            self._live = model.to(self.device).eval()
-        self._live_version = entry.version
-        return entry.version
+    def predict_proba(self, entries: list[dict], features: np.ndarray) -> list[np.ndarray | None]:
+        """Probabilities of each shard's live model (given by its manifest entry), or None for a
+        shard left with no samples (it abstains)."""
+        out = []
+        for d in entries:
+            entry = ShardEntry.from_dict(d)
+            if entry.n_samples == 0:
+                out.append(None)
+                continue
+            model = self._live_model(entry)
+            with deterministic_torch(self.config.training.threads):
+                out.append(predict_proba(model, features, self.device, task=self.task))
+        return out
 
-    def predict_proba(self, features: np.ndarray) -> np.ndarray | None:
-        """Class probabilities from the live model, or None when the shard abstains."""
-        if self._live is None:
-            if self._live_version is None:
-                raise StoreError(f"Shard {self.shard} has no trained model yet. Run fit first.")
-            return None
-        with deterministic_torch(self.config.training.threads):
-            return predict_proba(self._live, features, self.device, task=self.task)
+    def _live_model(self, entry: ShardEntry) -> torch.nn.Module:
+        ref = entry.checkpoints[-1]
+        key = (ref.path, ref.sha256)
+        with self._cache_lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit[0]
+        model = self._new_model(entry.shard)
+        model.load_state_dict(self._load_checkpoint(ref).model_state)
+        model = model.to(self.device).eval()
+        size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        with self._cache_lock:
+            self._cache[key] = (model, size)
+            total = sum(sz for _, sz in self._cache.values())
+            while total > self.cache_bytes and len(self._cache) > 1:
+                _, (_, sz) = self._cache.popitem(last=False)
+                total -= sz
+        return model
 
-    def live_version(self) -> int | None:
-        return self._live_version
-
-    def ping(self) -> int:
-        return self.shard
+    def cached_models(self) -> int:
+        return len(self._cache)
 
     # -- training ----------------------------------------------------------------------------------
 
-    def _new_model(self) -> torch.nn.Module:
+    def _new_model(self, shard: int) -> torch.nn.Module:
         t = self.config.training
         return build_model(
             t.model, self.input_shape, self.n_classes, hidden=t.hidden,
-            seed=init_seed(self.config.sharding, self.shard),
+            seed=init_seed(self.config.sharding, shard),
         )
 
     def _load_checkpoint(self, ref: FileRef) -> Checkpoint:
@@ -174,15 +189,18 @@ class ShardTrainer:
         return SampleSet.from_arrow(_read_parquet(raw))
 
     def train(self, job: TrainJob | dict) -> dict:
-        """Run a :class:`TrainJob`; return a :class:`TrainResult` as a dict."""
+        """Run a :class:`TrainJob`; return a :class:`TrainResult` as a dict.
+
+        Idempotent: running a job twice writes the same bytes to the same paths, because Ray
+        may retry a call after a failure.
+        """
         if isinstance(job, dict):
             job = TrainJob(**job)
-        if job.shard != self.shard:
-            raise ValueError(f"Job for shard {job.shard} sent to the trainer of shard {self.shard}.")
+        shard = job.shard
         t0 = time.perf_counter()
         sharding, training = self.config.sharding, self.config.training
         samples = self._read_samples(FileRef(**job.data))
-        out_dir = shard_dir(self.shard, job.version)
+        out_dir = shard_dir(shard, job.version)
         data_ref = FileRef(**job.data)
         if job.remove_ids:
             samples = samples.without_ids(np.asarray(job.remove_ids, dtype=np.int64))
@@ -190,17 +208,17 @@ class ShardTrainer:
             data_ref = FileRef(f"{out_dir}/data.parquet", sha256(blob))
             self.store.write_bytes(data_ref.path, blob)
         shard_of, slice_of = assign(samples.ids, sharding)
-        if (shard_of != self.shard).any():
+        if (shard_of != shard).any():
             raise StoreError(
                 f"Shard data '{data_ref.path}' holds ids of other shards; the store mixes configs."
             )
 
-        model = self._new_model().to(self.device)
+        model = self._new_model(shard).to(self.device)
         optimizer = make_optimizer(model, training)
         checkpoints = [FileRef(**c) for c in job.base_checkpoints[: job.start_step]]
         if len(checkpoints) != job.start_step:
             raise ValueError(
-                f"Restarting shard {self.shard} at step {job.start_step} needs {job.start_step} "
+                f"Restarting shard {shard} at step {job.start_step} needs {job.start_step} "
                 f"base checkpoints; got {len(checkpoints)}."
             )
         if job.start_step > 0:
@@ -208,7 +226,7 @@ class ShardTrainer:
             expected = ids_digest(samples.ids[slice_of <= job.start_step - 1])
             if base.ids_digest != expected:
                 raise StoreError(
-                    f"Shard {self.shard}: the checkpoint after step {job.start_step - 1} saw other "
+                    f"Shard {shard}: the checkpoint after step {job.start_step - 1} saw other "
                     "samples than the retained data holds, so it is not a clean restart point. "
                     "The store is inconsistent; run `sisa-ray verify` or retrain on a new --store."
                 )
@@ -220,12 +238,12 @@ class ShardTrainer:
         with deterministic_torch(training.threads):
             for res in train_steps(
                 model, optimizer, samples.features, samples.labels, samples.ids, slice_of,
-                sharding=sharding, training=training, shard=self.shard,
+                sharding=sharding, training=training, shard=shard,
                 start_step=job.start_step, device=self.device, task=self.task,
             ):
                 total_steps += res.sample_steps
                 ckpt = Checkpoint(
-                    shard=self.shard, step=res.step, config_hash=self.config_hash,
+                    shard=shard, step=res.step, config_hash=self.config_hash,
                     ids_digest=ids_digest(res.ids), n_samples=res.n_samples,
                     model_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                     optimizer_state=_cpu_state(optimizer.state_dict()),
@@ -236,21 +254,16 @@ class ShardTrainer:
                 checkpoints.append(ref)
         train_seconds = time.perf_counter() - t_train
         entry = ShardEntry(
-            shard=self.shard, version=job.version, n_samples=len(samples),
+            shard=shard, version=job.version, n_samples=len(samples),
             slice_counts=np.bincount(slice_of, minlength=sharding.n_slices).tolist(),
             data=data_ref, checkpoints=checkpoints,
         )
-        log.debug("shard %d v%d trained from step %d", self.shard, job.version, job.start_step)
+        log.debug("shard %d v%d trained from step %d", shard, job.version, job.start_step)
         return asdict(TrainResult(
             entry=entry.to_dict(), sample_steps=total_steps,
             seconds=time.perf_counter() - t0, train_seconds=train_seconds,
             start_step=job.start_step,
         ))
-
-    def checkpoint_states(self, entry: dict) -> list[dict[str, torch.Tensor]]:
-        """Model states of every checkpoint of a shard entry (for verification)."""
-        e = ShardEntry.from_dict(entry)
-        return [self._load_checkpoint(c).model_state for c in e.checkpoints]
 
 
 def _cpu_state(state):

@@ -11,7 +11,7 @@ from sisa_ray.core.manifest import read_manifest
 from sisa_ray.core.store import Store
 from sisa_ray.ensemble import SISAEnsemble
 from sisa_ray.executor import LocalExecutor
-from sisa_ray.shard import ShardTrainer
+from sisa_ray.shard import ShardWorker
 
 
 class Crash(RuntimeError):
@@ -77,7 +77,7 @@ def test_crash_in_the_middle_of_retraining(tiny, tiny_config, tmp_path):
     path = str(tmp_path / "s")
     SISAEnsemble(tiny_config, store=path, backend="local").fit(train, test)
 
-    class DiesOnSecondShard(ShardTrainer):
+    class DiesOnSecondShard(ShardWorker):
         calls = 0
 
         def train(self, job):
@@ -87,7 +87,7 @@ def test_crash_in_the_middle_of_retraining(tiny, tiny_config, tmp_path):
             return super().train(job)
 
     victims = three_shard_victims(train, tiny_config)
-    ens = SISAEnsemble.open(path, executor=LocalExecutor(trainer_cls=DiesOnSecondShard))
+    ens = SISAEnsemble.open(path, executor=LocalExecutor(worker_cls=DiesOnSecondShard))
     with pytest.raises(Crash):
         ens.unlearn(victims)
     assert DiesOnSecondShard.calls == 2
@@ -150,7 +150,7 @@ def test_interrupted_fit_resumes(tiny, tiny_config, tmp_path):
     train, test = tiny
     path = str(tmp_path / "s")
 
-    class DiesOnThirdShard(ShardTrainer):
+    class DiesOnThirdShard(ShardWorker):
         calls = 0
 
         def train(self, job):
@@ -161,7 +161,7 @@ def test_interrupted_fit_resumes(tiny, tiny_config, tmp_path):
 
     with pytest.raises(Crash):
         SISAEnsemble(tiny_config, store=path,
-                     executor=LocalExecutor(trainer_cls=DiesOnThirdShard)).fit(train, test)
+                     executor=LocalExecutor(worker_cls=DiesOnThirdShard)).fit(train, test)
     from sisa_ray.core.store import StoreError
 
     with pytest.raises(StoreError, match="did not finish.*again to resume"):

@@ -11,6 +11,7 @@ resuming from the checkpoint after step ``r-1`` gives exactly the weights of an 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,18 +35,32 @@ def supervised_loss(task: str):
     return nn.CrossEntropyLoss()
 
 
+_det_lock = threading.Lock()
+_det_users = 0
+_det_saved: tuple[int, bool] | None = None
+
+
 @contextlib.contextmanager
 def deterministic_torch(threads: int) -> Iterator[None]:
-    """Deterministic kernels and a fixed intra-op thread count, restored on exit."""
-    prev_threads = torch.get_num_threads()
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
+    """Deterministic kernels and a fixed intra-op thread count, restored when the last user in
+    this process leaves. The settings are process-wide, so overlapping users (a prediction
+    served while a shard trains in the same worker) share one setting instead of each restoring
+    the other's 'previous' state in the middle of its work."""
+    global _det_users, _det_saved
+    with _det_lock:
+        if _det_users == 0:
+            _det_saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+            torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(True)
+        _det_users += 1
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(prev_det)
-        torch.set_num_threads(prev_threads)
+        with _det_lock:
+            _det_users -= 1
+            if _det_users == 0 and _det_saved is not None:
+                torch.use_deterministic_algorithms(_det_saved[1])
+                torch.set_num_threads(_det_saved[0])
 
 
 @contextlib.contextmanager
