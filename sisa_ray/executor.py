@@ -174,6 +174,7 @@ class RayExecutor:
         self._threads = 1
         self._env: dict[str, str] = {}
         self._config_hash: str | None = None
+        self._start_lock = threading.RLock()
         self.startup_seconds = 0.0
 
     def bind(self, store_uri: str, n_shards: int, threads: int = 1,
@@ -204,6 +205,10 @@ class RayExecutor:
 
     def _start(self, indices: Sequence[int]) -> None:
         """Start (or, on a cluster, find) the workers ``indices``; wait until they answer."""
+        with self._start_lock:  # a prediction and a retrain may both need workers
+            self._start_locked(indices)
+
+    def _start_locked(self, indices: Sequence[int]) -> None:
         import ray
 
         new = [i for i in indices if i not in self._workers]
@@ -245,7 +250,7 @@ class RayExecutor:
             ray.kill(self._workers.pop(i), no_restart=True)
         if stale:
             time.sleep(0.5)  # let the names free up
-            return self._start(stale)
+            self._start_locked(stale)
         self.startup_seconds += time.perf_counter() - t0
         log.info("%d worker(s) ready in %.1fs", len(new), time.perf_counter() - t0)
 
