@@ -241,6 +241,18 @@ def cmd_recover(args) -> int:
     return 0
 
 
+def cmd_release(args) -> int:
+    from .core.store import Store
+    from .executor import joins_cluster, release_workers
+
+    if not joins_cluster(args.address):
+        raise CLIError("release stops the warm workers of a running cluster: give --address auto "
+                       "(or set RAY_ADDRESS). Without a cluster, workers end with each command.")
+    n = release_workers(Store(args.store).uri, args.address)
+    _emit(args, {"released": n}, f"Stopped {n} worker(s) of {args.store}.")
+    return 0
+
+
 def cmd_abandon(args) -> int:
     ens = _open(args, recover=False)
     ens.abandon(args.request_id, args.reason)
@@ -504,6 +516,11 @@ def build_parser() -> argparse.ArgumentParser:
                                         "back from a restored backup")
     _add_common(p)
     p.set_defaults(func=cmd_recover)
+
+    p = sub.add_parser("release", help="stop the warm workers a running cluster keeps for a "
+                                        "store")
+    _add_common(p)
+    p.set_defaults(func=cmd_release)
 
     p = sub.add_parser("abandon", help="give up a pending deletion whose retrain cannot run "
                                         "(its ids stay in the models)")
