@@ -184,6 +184,13 @@ def read_parquet(path: str, n_classes: int | None = None, name: str | None = Non
         raise FileNotFoundError(f"Parquet file {path} does not exist.") from e
     except (pa.ArrowInvalid, OSError) as e:
         raise ValueError(f"{path} is not a readable Parquet file ({e}).") from e
+    return samples_from_table(table, path, n_classes, name or Path(path).stem)
+
+
+def samples_from_table(table: pa.Table, where: str, n_classes: int | None,
+                       name: str) -> SampleSet:
+    """Check a table of user data (any part of a Parquet dataset) and turn it into samples."""
+    path = where
     missing = [c for c in ("id", "label", "features") if c not in table.column_names]
     if missing:
         raise ValueError(
@@ -211,8 +218,9 @@ def read_parquet(path: str, n_classes: int | None = None, name: str | None = Non
         if (lengths != lengths[0]).any():
             bad = ids[lengths != lengths[0]][:10].tolist()
             raise ValueError(
-                f"{path}: ragged 'features': rows have different lengths ({sorted(set(lengths.tolist()))[:5]}"
-                f"); first odd ids {bad}. Every row must have the same number of features."
+                f"{path}: ragged 'features': rows have different lengths "
+                f"({sorted(set(lengths.tolist()))[:5]}); first odd ids {bad}. Every row must "
+                "have the same number of features."
             )
     width = len(feats[0]) if len(ids) else 0
     x = feats.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(ids), width)
@@ -224,14 +232,11 @@ def read_parquet(path: str, n_classes: int | None = None, name: str | None = Non
         )
     if regression:
         return SampleSet(ids=ids, features=x, labels=table.column("label").to_numpy(),
-                         n_classes=1, name=name or Path(path).stem, task="regression")
+                         n_classes=1, name=name, task="regression")
     labels = table.column("label").to_numpy().astype(np.int64)
     if n_classes is None:
         n_classes = max(2, int(labels.max()) + 1) if len(labels) else 2
-    return SampleSet(
-        ids=ids, features=x, labels=labels,
-        n_classes=n_classes, name=name or Path(path).stem,
-    )
+    return SampleSet(ids=ids, features=x, labels=labels, n_classes=n_classes, name=name)
 
 
 def load_dataset(

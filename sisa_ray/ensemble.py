@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from .core.aggregation import aggregate, aggregate_regression
-from .core.checkpoint import Checkpoint, ids_digest, sha256, states_identical
+from .core.checkpoint import Checkpoint, ids_digest, states_identical
 from .core.config import ResourceConfig, SISAConfig
 from .core.data import SampleSet
 from .core.ledger import Ledger
@@ -49,7 +49,8 @@ from .deletion import (
 )
 from .deletion import recover as recover_requests
 from .deletion import unlearn as unlearn_request
-from .shard import STORE_FORMAT, TrainJob, _parquet_bytes, read_store_meta
+from .ingest import STAGING_DIR, ParquetSource, assemble_shard, combine, partition_part
+from .shard import STORE_FORMAT, TrainJob, read_store_meta
 
 log = logging.getLogger(__name__)
 
@@ -138,30 +139,26 @@ class SISAEnsemble:
 
     # -- training ----------------------------------------------------------------------------------
 
-    def fit(self, data: SampleSet, test: SampleSet | None = None, progress=None) -> SISAEnsemble:
+    def fit(self, data: SampleSet | ParquetSource, test: SampleSet | None = None,
+            progress=None) -> SISAEnsemble:
         """Train every shard, slice by slice, in parallel; checkpoint after each slice.
 
-        On a store that already holds this config and data, training resumes (finished stores
-        are left as they are). A store holding another config or data is refused unchanged,
-        unless its training never finished: nothing was ever live there, so it starts over.
+        ``data`` is a :class:`SampleSet` in memory, or a :class:`~sisa_ray.ingest.ParquetSource`
+        that parallel tasks shard without the driver ever loading it. On a store that already
+        holds this config and data, training resumes (finished stores are left as they are). A
+        store holding another config or data is refused unchanged, unless its training never
+        finished: nothing was ever live there, so it starts over.
         """
-        if not isinstance(data, SampleSet):
+        if not isinstance(data, (SampleSet, ParquetSource)):
             raise TypeError(
-                f"fit expects a SampleSet (see sisa_ray.datasets). Got {type(data).__name__}."
+                "fit expects a SampleSet or a ParquetSource (see sisa_ray.datasets, "
+                f"sisa_ray.ingest). Got {type(data).__name__}."
             )
-        if len(data) == 0:
+        if isinstance(data, SampleSet) and len(data) == 0:
             raise ValueError("fit got an empty training set; give at least one sample.")
         config = self.config or SISAConfig()
         if not isinstance(config, SISAConfig):
             raise TypeError(f"config must be a SISAConfig. Got {type(config).__name__}.")
-        config = config.resolve(n_classes=data.n_classes, input_shape=data.input_shape,
-                                cpu_capability=current_cpu_capability())
-        check_data(config, data, "the training set")
-        if test is not None:
-            if test.task != data.task:
-                raise ValueError(f"The test set is {test.task} but the training set is "
-                                 f"{data.task}; they must match.")
-            check_data(config, test, "the test set")
         store = Store(self.store or tempfile.mkdtemp(prefix="sisa-ray-"))
         store.check_usable()
         if store.read_optional(STORE_META) is None and not store.is_empty():
@@ -169,20 +166,83 @@ class SISAEnsemble:
                 f"The store {store.location} is not empty and holds no sisa-ray ensemble. "
                 "Choose an empty or new directory for --store."
             )
-        with store.writer_lock() as lock:
-            return self._fit_locked(store, config, data, test, lock, progress)
+        if isinstance(data, SampleSet):
+            config = config.resolve(n_classes=data.n_classes, input_shape=data.input_shape,
+                                    cpu_capability=current_cpu_capability())
+            check_data(config, data, "the training set")
+            self._check_test(config, test, data.task)
+            desc = {"name": data.name, "task": data.task, "rows": len(data),
+                    "fingerprint": data.fingerprint()}
 
-    def _fit_locked(self, store: Store, config: SISAConfig, data: SampleSet,
+            def write_shards(store: Store) -> list[FileRef]:
+                plan = ShardPlan.build(data.ids, config.sharding)
+                return [FileRef(rel, store.write_table(rel, data.select_ids(
+                    plan.shard_ids(s)).to_arrow()))
+                    for s, rel in ((s, f"{shard_dir(s, 1)}/data.parquet")
+                                   for s in range(config.sharding.n_shards))]
+
+            with store.writer_lock() as lock:
+                return self._fit_locked(store, config, desc, write_shards, test, lock, progress)
+        with store.writer_lock() as lock:
+            staging = uuid.uuid4().hex[:12]
+            try:
+                return self._fit_parquet(store, config, data, test, staging, lock, progress)
+            finally:
+                for rel in store.list(f"{STAGING_DIR}/{staging}"):
+                    store.delete(rel)
+
+    def _fit_parquet(self, store: Store, config: SISAConfig, source: ParquetSource,
+                     test: SampleSet | None, staging: str, lock, progress) -> SISAEnsemble:
+        calls = [dict(source=source, file=f, row_group=g, part=i,
+                      sharding=asdict(config.sharding), store_uri=store.uri, staging=staging)
+                 for i, (f, g) in enumerate(source.parts())]
+        ds = combine(self._executor().run_tasks(partition_part, calls), source)
+        if ds["rows"] == 0:
+            raise ValueError(f"{source.uri} has no rows; give at least one sample.")
+        config = config.resolve(n_classes=ds["n_classes"], input_shape=ds["input_shape"],
+                                cpu_capability=current_cpu_capability())
+        t = config.training
+        if tuple(ds["input_shape"]) != tuple(t.input_shape) or (
+                ds["task"] == "classification" and ds["n_classes"] > t.n_classes):
+            raise ValueError(
+                f"{source.uri} has samples of shape {ds['input_shape']} and "
+                f"{ds['n_classes']} classes, but the model takes {t.input_shape} and "
+                f"{t.n_classes} classes. Give matching data or --n-classes."
+            )
+        self._check_test(config, test, ds["task"])
+        desc = {"name": source.label, "task": ds["task"], "rows": ds["rows"],
+                "fingerprint": ds["fingerprint"]}
+
+        def write_shards(store: Store) -> list[FileRef]:
+            calls = [dict(store_uri=store.uri, staging=staging, shard=s, version=1,
+                          n_classes=t.n_classes, input_shape=list(t.input_shape),
+                          task=ds["task"], name=source.label)
+                     for s in range(config.sharding.n_shards)]
+            out = self._executor().run_tasks(assemble_shard, calls)
+            return [FileRef(**r["data"]) for r in out]
+
+        return self._fit_locked(store, config, desc, write_shards, test, lock, progress)
+
+    @staticmethod
+    def _check_test(config: SISAConfig, test: SampleSet | None, task: str) -> None:
+        if test is None:
+            return
+        if test.task != task:
+            raise ValueError(f"The test set is {test.task} but the training set is {task}; "
+                             "they must match.")
+        check_data(config, test, "the test set")
+
+    def _fit_locked(self, store: Store, config: SISAConfig, desc: dict, write_shards,
                     test: SampleSet | None, lock, progress) -> SISAEnsemble:
-        fingerprint = data.fingerprint()
+        fingerprint = desc["fingerprint"]
         t = config.training
         meta = {
             "format": STORE_FORMAT,
             "config": config.to_dict(),
             "config_hash": config.config_hash(),
             "dataset": {
-                "name": data.name, "n_classes": t.n_classes, "task": data.task,
-                "input_shape": list(t.input_shape), "n_train": len(data),
+                "name": desc["name"], "n_classes": t.n_classes, "task": desc["task"],
+                "input_shape": list(t.input_shape), "n_train": desc["rows"],
                 "n_test": 0 if test is None else len(test), "fingerprint": fingerprint,
             },
         }
@@ -210,19 +270,16 @@ class SISAEnsemble:
                 log.warning("training of %s never finished; starting over with this config",
                             store.location)
             for rel in store.list(""):  # nothing was ever live: clear the unfinished attempt
-                if rel != ".lock":
+                if rel != ".lock" and not rel.startswith(f"{STAGING_DIR}/"):
                     store.delete(rel)
         store.write_json(STORE_META, meta)
         if test is not None:
             store.write_table(TEST_DATA, test.to_arrow())
-
-        plan = ShardPlan.build(data.ids, config.sharding)
-        jobs = []
-        for s in range(config.sharding.n_shards):
-            blob = _parquet_bytes(data.select_ids(plan.shard_ids(s)).to_arrow())
-            ref = FileRef(f"{shard_dir(s, 1)}/data.parquet", sha256(blob))
-            store.write_bytes(ref.path, blob)
-            jobs.append(TrainJob(shard=s, version=1, data=ref.to_dict()))
+        refs = write_shards(store)
+        jobs = [TrainJob(shard=s, version=1, data=ref.to_dict()) for s, ref in enumerate(refs)]
+        # the largest shards first, so the last job to finish is a small one
+        sizes = {s: store.size(r.path) for s, r in enumerate(refs)}
+        jobs.sort(key=lambda j: -sizes[j.shard])
 
         self.store_, self.config_ = store, config
         self.meta_ = meta
@@ -230,6 +287,7 @@ class SISAEnsemble:
         t0 = time.perf_counter()
         results = self._executor().run_jobs(jobs, progress)
         self.fit_seconds_ = time.perf_counter() - t0
+        results = sorted(results, key=lambda r: r["entry"]["shard"])
         self.fit_results_ = results
         manifest = Manifest(
             generation=1, config_hash=meta["config_hash"], data_fingerprint=fingerprint,

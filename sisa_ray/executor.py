@@ -76,6 +76,10 @@ class LocalExecutor:
     def placement(self) -> list[str]:
         return ["local"] * self._n_shards
 
+    def run_tasks(self, fn: Callable, calls: Sequence[dict]) -> list:
+        """``fn(**kwargs)`` for each of ``calls``, in order (data preparation, no model)."""
+        return [fn(**kw) for kw in calls]
+
     def predict_proba(self, features: np.ndarray, entries: list[dict]) -> list[np.ndarray | None]:
         return self._get().predict_proba(entries, features)
 
@@ -290,6 +294,15 @@ class RayExecutor:
                     progress({"shard": job.shard, "done": len(results), "total": len(jobs),
                               **results[job.shard]})
         return [results[job.shard] for job in jobs]
+
+    def run_tasks(self, fn: Callable, calls: Sequence[dict]) -> list:
+        """``fn(**kwargs)`` for each of ``calls`` as parallel Ray tasks spread over the cluster
+        (data preparation: each reads its part from shared storage, returns a small dict)."""
+        import ray
+
+        ensure_ray(self.address)
+        task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD", max_retries=3)(fn)
+        return ray.get([task.remote(**kw) for kw in calls])
 
     def predict_proba(self, features: np.ndarray, entries: list[dict]) -> list[np.ndarray | None]:
         import ray

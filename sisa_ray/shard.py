@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from .core.checkpoint import Checkpoint, ids_digest, sha256
@@ -186,7 +187,7 @@ class ShardWorker:
                 f"Shard data '{self.store.location}/{ref.path}' is corrupt: its SHA-256 does not "
                 "match the manifest. Restore it from backup or retrain on a new --store."
             )
-        return SampleSet.from_arrow(_read_parquet(raw))
+        return SampleSet.from_arrow(pq.read_table(pa.BufferReader(raw)))
 
     def train(self, job: TrainJob | dict) -> dict:
         """Run a :class:`TrainJob`; return a :class:`TrainResult` as a dict.
@@ -204,9 +205,8 @@ class ShardWorker:
         data_ref = FileRef(**job.data)
         if job.remove_ids:
             samples = samples.without_ids(np.asarray(job.remove_ids, dtype=np.int64))
-            blob = _parquet_bytes(samples.to_arrow())
-            data_ref = FileRef(f"{out_dir}/data.parquet", sha256(blob))
-            self.store.write_bytes(data_ref.path, blob)
+            path = f"{out_dir}/data.parquet"
+            data_ref = FileRef(path, self.store.write_table(path, samples.to_arrow()))
         shard_of, slice_of = assign(samples.ids, sharding)
         if (shard_of != shard).any():
             raise StoreError(
@@ -274,19 +274,3 @@ def _cpu_state(state):
     if isinstance(state, (list, tuple)):
         return type(state)(_cpu_state(v) for v in state)
     return state
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    import io
-
-    import pyarrow.parquet as pq
-
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    return sink.getvalue()
-
-
-def _read_parquet(raw: bytes) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(pa.BufferReader(raw))

@@ -149,16 +149,22 @@ def test_driver_killed_during_deletion_is_finished_by_the_next_command(ray_sessi
     led = Ledger(Store(str(store))).requests()
     assert led["gdpr-7"].status == "pending"
     assert read_manifest(Store(str(store))).generation == 1  # the old state is still live
-    t0 = time.monotonic()
+    # status only reads: it shows the request pending and changes nothing
     out = sisa("status", "--store", str(store), "--json", "--backend", "local", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["pending_requests"] == ["gdpr-7"]
+    t0 = time.monotonic()
+    out = sisa("recover", "--store", str(store), "--json", "--backend", "local", timeout=300)
     recovered = time.monotonic() - t0
     assert out.returncode == 0, out.stderr[-2000:]
+    assert [r["request_id"] for r in json.loads(out.stdout)["requests"]] == ["gdpr-7"]
+    out = sisa("status", "--store", str(store), "--json", "--backend", "local", timeout=300)
     st = json.loads(out.stdout)
-    print(f"\n[cluster] driver SIGKILLed mid-deletion; `status` finished it in {recovered:.1f}s")
+    print(f"\n[cluster] driver SIGKILLed mid-deletion; `recover` finished it in {recovered:.1f}s")
     assert st["ledger"] == {"requests": 1, "completed": 1, "pending": 0, "abandoned": 0,
                             "deleted_ids": 1}
     assert st["generation"] == 2 and st["deleted_ids"] == 1  # applied once
-    events = sorted(Path(store, "ledger").glob("*.json"))
+    events = sorted(Path(store, "ledger").glob("0*.json"))
     assert [json.loads(e.read_text())["event"] for e in events] == ["acknowledged", "completed"]
     again = sisa("delete", "--store", str(store), "--ids", str(victim), "--request-id",
                  "gdpr-7", "--json", "--backend", "local", timeout=120)

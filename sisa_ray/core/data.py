@@ -140,16 +140,10 @@ class SampleSet:
         return self.take(~np.isin(self.ids, np.asarray(ids, dtype=np.int64)))
 
     def fingerprint(self) -> str:
-        """Digest of ids, labels, features and shape, independent of row order."""
-        order = np.argsort(self.ids, kind="stable")
-        h = hashlib.sha256()
-        h.update(repr((self.input_shape, self.n_classes)).encode())
-        if self.task != "classification":  # classification digests stay as they were
-            h.update(self.task.encode())
-        h.update(self.ids[order].tobytes())
-        h.update(self.labels[order].tobytes())
-        h.update(self.features[order].tobytes())
-        return h.hexdigest()[:16]
+        """Digest of ids, labels, features, shape and classes, independent of row order and of
+        how the rows are split into parts (see :func:`fingerprint_of`)."""
+        return fingerprint_of(row_digest_sum(self.ids, self.labels, self.features),
+                              self.input_shape, self.n_classes, self.task)
 
     # -- Arrow / Parquet form: columns id int64, label int64, features list<float32> ---------------
 
@@ -188,3 +182,27 @@ class SampleSet:
             name=meta.get(b"sisa_ray.name", b"samples").decode(),
             task=task,
         )
+
+
+def row_digest_sum(ids: np.ndarray, labels: np.ndarray, features: np.ndarray) -> int:
+    """The sum, modulo 2**256, of a SHA-256 digest of every row (id, label, feature bytes).
+
+    A sum is order-independent and adds up across parts, so parallel tasks that each see a part
+    of a dataset yield the same fingerprint as one pass over all of it."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    feats = np.ascontiguousarray(features, dtype=np.float32).reshape(len(ids), -1)
+    labs = np.ascontiguousarray(labels)
+    labs = labs.astype(np.float32 if np.issubdtype(labs.dtype, np.floating) else np.int64)
+    total = 0
+    for i in range(len(ids)):
+        h = hashlib.sha256(ids[i].tobytes())
+        h.update(labs[i].tobytes())
+        h.update(feats[i].tobytes())
+        total += int.from_bytes(h.digest(), "little")
+    return total % (1 << 256)
+
+
+def fingerprint_of(digest_sum: int, input_shape, n_classes: int, task: str) -> str:
+    h = hashlib.sha256(repr((tuple(int(d) for d in input_shape), int(n_classes), task)).encode())
+    h.update(int(digest_sum % (1 << 256)).to_bytes(32, "little"))
+    return h.hexdigest()[:16]

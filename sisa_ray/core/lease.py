@@ -118,8 +118,11 @@ class ObjectLease(WriterLock):
             lease, tag = self._read()
             sent = time.monotonic()
             if lease is not None and lease["owner"] == self.owner and not lease["released"]:
-                # our own write landed although its reply was lost (a retried request): ours
-                self.token, self._tag, self._renewed_at = lease["token"], tag, sent
+                # our own write landed although its reply was lost (a retried request): ours,
+                # valid from when that write was sent, which its ``expires`` tells
+                written_ago = time.time() - (lease["expires"] - self.lease_s)
+                self.token, self._tag = lease["token"], tag
+                self._renewed_at = min(sent, time.monotonic() - written_ago)
                 return
             if lease is None or lease["released"] or lease["expires"] < time.time():
                 self.token = 1 if lease is None else lease["token"] + 1
@@ -128,7 +131,7 @@ class ObjectLease(WriterLock):
                     return
                 continue  # someone else changed it meanwhile: look again
             if time.monotonic() > deadline:
-                ends = _dt.datetime.fromtimestamp(lease["expires"]).isoformat(
+                ends = _dt.datetime.fromtimestamp(lease["expires"]).astimezone().isoformat(
                     sep=" ", timespec="seconds")
                 raise LockTimeout(
                     f"{self.store.location} is locked by another sisa-ray writer "

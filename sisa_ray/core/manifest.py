@@ -20,6 +20,7 @@ MANIFESTS_DIR = "manifests"
 FORMAT = 2
 STORE_META = "store.json"
 SHARDS_DIR = "shards"
+STAGING_DIR = "staging"  # data being sharded by a fit; nothing there outlives it
 
 
 def shard_dir(shard: int, version: int) -> str:
@@ -184,12 +185,13 @@ def collect_garbage(store: Store, manifest: Manifest) -> list[str]:
     ptr, _ = _pointer(store)
     keep_body = None if ptr is None else ptr["body"]
     removed = []
-    for rel in store.list(SHARDS_DIR) + store.list(MANIFESTS_DIR):
+    for rel in store.list(SHARDS_DIR) + store.list(MANIFESTS_DIR) + store.list(STAGING_DIR):
         if rel not in live and rel != keep_body:
             store.delete(rel)
             removed.append(rel)
     for rel in store.list(""):
-        if ".tmp-" in rel.rsplit("/", 1)[-1] and not rel.startswith((SHARDS_DIR, MANIFESTS_DIR)):
+        if ".tmp-" in rel.rsplit("/", 1)[-1] and not rel.startswith(
+                (SHARDS_DIR, MANIFESTS_DIR, STAGING_DIR)):
             store.delete(rel)  # an interrupted atomic write of the pointer, ledger or metadata
             removed.append(rel)
     return removed

@@ -32,6 +32,12 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
 class StoreError(RuntimeError):
     """A store is missing, unreadable or inconsistent. The message says how to recover."""
 
@@ -47,11 +53,14 @@ class Store:
     def __init__(self, uri: str) -> None:
         if not isinstance(uri, str) or not uri:
             raise ValueError(f"The store must be a non-empty path or URI string. Got {uri!r}.")
-        self.uri = uri
         if "://" in uri:
             self.fs, root = pafs.FileSystem.from_uri(uri)
         else:
+            # resolved here, so workers on other nodes (other working directories) get the
+            # absolute path and every spelling of one store names the same workers
             self.fs, root = pafs.LocalFileSystem(), os.path.abspath(uri)
+            uri = root
+        self.uri = uri
         self.root = root.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
 
@@ -70,6 +79,9 @@ class Store:
         return posixpath.join(self.root, rel)
 
     # -- reading -----------------------------------------------------------------------------------
+
+    def size(self, rel: str) -> int:
+        return self.fs.get_file_info(self._full(rel)).size or 0
 
     def exists(self, rel: str) -> bool:
         return self.fs.get_file_info(self._full(rel)).type != pafs.FileType.NotFound
@@ -193,10 +205,11 @@ class Store:
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True).encode())
 
-    def write_table(self, rel: str, table: pa.Table) -> None:
-        sink = io.BytesIO()
-        pq.write_table(table, sink)
-        self.write_bytes(rel, sink.getvalue())
+    def write_table(self, rel: str, table: pa.Table) -> str:
+        """Write ``table`` as Parquet; return the SHA-256 of the bytes written."""
+        blob = parquet_bytes(table)
+        self.write_bytes(rel, blob)
+        return sha256(blob)
 
     def delete(self, rel: str) -> None:
         try:
