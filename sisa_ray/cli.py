@@ -117,18 +117,23 @@ def _accuracy_table(ens, test) -> dict:
 
 
 def cmd_train(args) -> int:
-    from .datasets import load_dataset
+    from .datasets import load_dataset, read_parquet
     from .ensemble import SISAEnsemble
+    from .ingest import ParquetSource
 
-    train, test = load_dataset(
-        args.dataset, data_dir=args.data_dir, download=args.download, test=args.test,
-        n_classes=args.n_classes,
-    )
-    if args.dataset.startswith("parquet:") and args.n_classes is None \
-            and train.task == "classification" and not args.json and not args.quiet:
-        print(f"note: n_classes={train.n_classes} taken from the largest label present; pass "
-              "--n-classes so that a retrain after deletions builds the same model",
-              file=sys.stderr)
+    if args.dataset.startswith("parquet:"):
+        # sharded by parallel tasks: the driver never loads the training data
+        train = ParquetSource(args.dataset[len("parquet:"):], n_classes=args.n_classes)
+        test = None
+        if args.test is not None:
+            if not args.test.startswith("parquet:"):
+                raise CLIError(f"--test must be parquet:PATH. Got {args.test!r}.")
+            test = read_parquet(args.test[len("parquet:"):], args.n_classes)
+    else:
+        train, test = load_dataset(
+            args.dataset, data_dir=args.data_dir, download=args.download, test=args.test,
+            n_classes=args.n_classes,
+        )
     config = SISAConfig(
         sharding=ShardingConfig(n_shards=args.shards, n_slices=args.slices, seed=args.seed),
         training=TrainingConfig(
@@ -138,9 +143,10 @@ def cmd_train(args) -> int:
         ),
     )
     if not args.json and not args.quiet:
+        size = f"{len(train)} train, " if hasattr(train, "__len__") else ""
         print(
             f"Training {config.sharding.n_shards} shards x {config.sharding.n_slices} slices of "
-            f"{args.model} on {train.name} ({len(train)} train, "
+            f"{args.model} on {getattr(train, 'name', None) or args.dataset} ({size}"
             f"{0 if test is None else len(test)} test samples)",
             file=sys.stderr,
         )
@@ -149,6 +155,11 @@ def cmd_train(args) -> int:
         train, test, progress=_progress(args, "train")
     )
     wall = time.perf_counter() - t0
+    if isinstance(train, ParquetSource) and args.n_classes is None and not args.quiet \
+            and ens.task_ == "classification" and not args.json:
+        print(f"note: n_classes={ens.config_.training.n_classes} was taken from the largest "
+              "label present; pass --n-classes so that a retrain after deletions builds the "
+              "same model", file=sys.stderr)
     status = ens.status()
     nodes = ens.executor.placement()
     for entry, node in zip(status["shards"], nodes):
