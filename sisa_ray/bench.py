@@ -43,6 +43,9 @@ PRESETS = {
                  max_train=10000),
     "full": dict(shards=[1, 2, 4, 8, 16], slices=[1, 2, 4, 8], requests=16, repeats=3,
                  epochs=10, max_train=None),
+    # the runtime at many shards: training, deletion and worker memory up to S=256
+    "sweep": dict(shards=[8, 32, 128, 256], slices=[4], requests=4, repeats=1, epochs=5,
+                  max_train=10000),
 }
 
 
@@ -60,6 +63,7 @@ class BenchSpec:
     mode: str
     seed: int
     data_dir: str | None = None
+    cli: bool = True
 
 
 def plain_loop_throughput(data: SampleSet, model_name: str, batch_size: int, epochs: int,
@@ -103,6 +107,8 @@ def run_config(spec: BenchSpec, train: SampleSet, test: SampleSet, s: int, r: in
     shard_sum = sum(x["train_seconds"] for x in ens.fit_results_)
     concurrent = min(s, ens.executor.max_concurrent())
     row = {
+        "workers": len(ens.executor._workers),
+        "workers_pss_mb": ens.executor.worker_memory_mb(),
         "shards": s, "slices": r, "repeat": repeat, "epochs": spec.epochs,
         "epochs_per_step": list(epochs_per_step(training, r)),
         "actor_startup_s": ens.executor.startup_seconds, "train_wall_s": fit_wall,
@@ -138,6 +144,11 @@ def run_config(spec: BenchSpec, train: SampleSet, test: SampleSet, s: int, r: in
             "batch_speedup_wall": fit_wall / rep.wall_seconds,
             "batch_speedup_steps": row["full_sample_steps"] / max(1, rep.retrained_sample_steps),
         })
+    ens.shard_proba(test.features[:256])  # every live model loaded once
+    row["predict_256_s"] = _timed(lambda: ens.shard_proba(test.features[:256]))
+    row["workers_pss_mb_after_predict"] = ens.executor.worker_memory_mb()
+    if repeat == 0 and spec.cli and (s, r) == (spec.shards[0], spec.slices[0]):
+        row.update(cli_latency(ens, victims[: spec.requests].tolist(), train))
     epochs = epochs_per_step(training, r)
     row["expected_speedup_one"] = expected_speedup(s, epochs)
     row["expected_speedup_batched"] = expected_speedup(s, epochs, spec.requests, batched=True)
@@ -151,6 +162,67 @@ def run_config(spec: BenchSpec, train: SampleSet, test: SampleSet, s: int, r: in
     row["retrain_ensemble_wall_s"] = retrain_wall
     row["cores"] = cores
     return row
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _cli(*args: str, address: str | None = None) -> float:
+    """Wall seconds of one ``sisa-ray`` command, as a user runs it (a new process)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    cmd = [sys.executable, "-m", "sisa_ray", *args, "--quiet"]
+    if address:
+        cmd += ["--address", address]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed: {out.stderr.strip()[-500:]}")
+    return wall
+
+
+def cli_latency(ens, victims: list[int], train: SampleSet) -> dict:
+    """What a user sees at the command line, beside the in-process figures: one-id deletions
+    and ``status``, cold (a new Ray instance, new workers) and warm (a running cluster whose
+    detached workers the previous command left), and the in-process figure on the same store."""
+    import subprocess
+    import sys
+
+    import ray
+
+    store = ens.store_.uri
+    live = set(ens.retained_data().ids.tolist()) - set(victims)
+    extra = sorted(live)[:4]
+    address = ray.get_runtime_context().gcs_address
+    t_import = _timed(lambda: subprocess.run([sys.executable, "-c", "import torch"], check=True))
+    out = {
+        "cli_import_torch_s": t_import,
+        "cli_status_cold_s": _cli("status", "--store", store),
+        "cli_delete_local_backend_s": _cli("delete", "--store", store, "--backend", "local",
+                                           "--ids", str(extra[0])),
+        "cli_delete_cold_s": _cli("delete", "--store", store, "--ids", str(extra[1])),
+        "cli_delete_first_on_cluster_s": _cli("delete", "--store", store, "--ids",
+                                              str(extra[2]), address=address),
+        "cli_delete_warm_s": _cli("delete", "--store", store, "--ids", str(extra[3]),
+                                  address=address),
+    }
+    from .executor import release_workers
+
+    release_workers(store, address)
+    ens.refresh()
+    t0 = time.perf_counter()
+    rep = ens.unlearn([sorted(live)[4]])
+    out["inproc_delete_s"] = time.perf_counter() - t0
+    out["inproc_delete_train_s"] = sum(x.train_seconds for x in rep.shards)
+    return out
 
 
 def run_bench(spec: BenchSpec, out: Path, mlflow_uri: str | None = None,
@@ -230,6 +302,13 @@ def _line(row: dict) -> str:
         parts.append(f"batch: wall x{row['batch_speedup_wall']:.1f}, steps "
                      f"x{row['batch_speedup_steps']:.1f} (expect "
                      f"x{row['expected_speedup_batched']:.1f})")
+    parts.append(f"{row['workers']} worker(s), {row['workers_pss_mb']:.0f} MB")
+    if "cli_delete_warm_s" in row:
+        parts.append(
+            f"CLI delete cold {row['cli_delete_cold_s']:.1f}s, warm {row['cli_delete_warm_s']:.1f}s"
+            f", local backend {row['cli_delete_local_backend_s']:.1f}s, in-process "
+            f"{row['inproc_delete_s']:.2f}s; status {row['cli_status_cold_s']:.1f}s (import torch "
+            f"{row['cli_import_torch_s']:.1f}s)")
     return "[bench] " + " | ".join(parts)
 
 
@@ -349,5 +428,5 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
         requests=args.requests or preset["requests"], repeats=args.repeats or preset["repeats"],
         epochs=args.epochs or preset["epochs"], batch_size=args.batch_size,
         max_train=args.max_train if args.max_train is not None else preset["max_train"],
-        mode=args.mode, seed=args.seed, data_dir=args.data_dir,
+        mode=args.mode, seed=args.seed, data_dir=args.data_dir, cli=not args.no_cli,
     )

@@ -414,6 +414,41 @@ def cmd_verify(args) -> int:
     return 0 if rep.identical else 1
 
 
+def cmd_serve(args) -> int:
+    import signal
+    import threading
+
+    from . import serve as http
+    from .core.store import Store
+    from .executor import ensure_ray
+
+    store = Store(args.store).uri
+    say = _status_printer(args)
+    say(f"Starting Ray Serve for {store} ...")
+    t0 = time.perf_counter()
+    ensure_ray(args.address)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        url = http.start(store, host=args.host, port=args.port, backend=args.backend,
+                         address=args.address, resources=_ensemble_kwargs(args)["resources"],
+                         verbose=args.verbose)
+        up = time.perf_counter() - t0
+        # the one line a user needs, whatever --quiet says
+        print(f"sisa-ray serve: {url} serves {store} (up in {up:.1f}s); POST /predict, "
+              f"POST /delete, GET /requests/<id>, GET /status. Ctrl-C stops it.",
+              file=sys.stderr, flush=True)
+        if args.json:
+            print(json.dumps({"url": url, "store": store, "startup_seconds": up}), flush=True)
+        while not stop.wait(0.5):
+            pass
+        say("Stopping: finishing the current retrain, releasing the store ...")
+    finally:
+        http.stop()
+    return 0
+
+
 def cmd_compare(args) -> int:
     from tune.compare import CompareConfig, run_comparison
     from tune.report import to_markdown
@@ -444,16 +479,27 @@ def cmd_bench(args) -> int:
     summary = run_bench(spec, out, mlflow_uri=False if args.no_mlflow else args.mlflow_uri,
                         say=say)
     lines = [f"Results in {out} (bench.csv, bench.json, plots)",
-             "| S | R | train s | eff | acc hard | acc soft | 1-id delete s | speedup wall | "
-             "speedup steps | expected | paper |", "|" + "---|" * 11]
+             "| S | R | workers | worker MB | train s | eff | acc hard | acc soft | "
+             "1-id delete s | speedup wall | speedup steps | expected | paper |",
+             "|" + "---|" * 13]
     for r in summary["rows"]:
         lines.append(
-            f"| {r['shards']} | {r['slices']} | {r['train_wall_s']:.1f} | "
+            f"| {r['shards']} | {r['slices']} | {r['workers']} | {r['workers_pss_mb']:.0f} | "
+            f"{r['train_wall_s']:.1f} | "
             f"{r['parallel_efficiency']:.2f} | {r['acc_hard']:.4f} | {r['acc_soft']:.4f} | "
             f"{r.get('seq_delete_wall_s', float('nan')):.2f} | "
             f"{r.get('seq_speedup_wall', float('nan')):.1f} | "
             f"{r.get('seq_speedup_steps', float('nan')):.1f} | "
             f"{r['expected_speedup_one']:.1f} | {r['paper_speedup']:.1f} |")
+    for r in summary["rows"]:
+        if "cli_delete_warm_s" in r:
+            lines.append(
+                f"end to end, one-id delete (S={r['shards']}): in-process {r['inproc_delete_s']:.2f}s"
+                f" | CLI warm (running cluster) {r['cli_delete_warm_s']:.2f}s | CLI first on the "
+                f"cluster {r['cli_delete_first_on_cluster_s']:.2f}s | CLI cold (own Ray) "
+                f"{r['cli_delete_cold_s']:.2f}s | CLI --backend local "
+                f"{r['cli_delete_local_backend_s']:.2f}s; status {r['cli_status_cold_s']:.2f}s "
+                f"(python -c 'import torch': {r['cli_import_torch_s']:.2f}s)")
     tp = summary["throughput"]
     lines.append(f"single model: accuracy {summary['single_model']['acc']:.4f}, "
                  f"{summary['single_model']['wall_s']:.1f}s; shard actor throughput "
@@ -558,6 +604,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to train the scratch copy (default: a temporary directory)")
     p.set_defaults(func=cmd_verify)
 
+    p = sub.add_parser("serve", help="answer predictions and take deletions over HTTP "
+                                      "(Ray Serve)")
+    _add_common(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: "
+                        "every interface)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("compare", help="approximate methods vs exact unlearning, on Ray Tune")
     _add_common(p, store=False)
     p.add_argument("--dataset", default="digits")
@@ -584,7 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="speedup of exact unlearning over retraining, accuracy cost")
     _add_common(p, store=False)
-    p.add_argument("--preset", choices=["fast", "full"], default="fast")
+    p.add_argument("--preset", choices=["fast", "full", "sweep"], default="fast",
+                   help="fast: S<=8; full: the paper's grid; sweep: S up to 256 (runtime, memory)")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--model", choices=list(MODELS), default="cnn")
@@ -600,6 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="results directory (default ./bench-results)")
     p.add_argument("--mlflow-uri", default=None)
     p.add_argument("--no-mlflow", action="store_true")
+    p.add_argument("--no-cli", action="store_true",
+                   help="skip the end-to-end CLI latency runs (cold and warm)")
     p.set_defaults(func=cmd_bench)
     return parser
 

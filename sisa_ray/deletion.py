@@ -26,13 +26,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .core.checkpoint import sha256
 from .core.config import SISAConfig
+from .core.jobs import TrainJob
 from .core.ledger import Ledger, Request
 from .core.manifest import Manifest, ShardEntry, collect_garbage, read_manifest, write_manifest
 from .core.plan import DeletionPlan, assign, epochs_per_step, sample_steps
-from .core.store import Store, StoreError
-from .shard import TrainJob
+from .core.store import Store, StoreError, sha256
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,12 @@ import numpy as np
 import pyarrow as pa
 
 from .core.aggregation import aggregate, aggregate_regression
-from .core.checkpoint import Checkpoint, ids_digest, states_identical
 from .core.config import ResourceConfig, SISAConfig
 from .core.data import SampleSet
+from .core.jobs import TrainJob
 from .core.ledger import Ledger
 from .core.manifest import (
+    STORE_FORMAT,
     STORE_META,
     FileRef,
     Manifest,
@@ -34,10 +35,11 @@ from .core.manifest import (
     collect_garbage,
     live_generation,
     read_manifest,
+    read_store_meta,
     shard_dir,
     write_manifest,
 )
-from .core.plan import ShardPlan, assign
+from .core.plan import ShardPlan, assign, ids_digest
 from .core.runtime import current_cpu_capability, pinned_env
 from .core.store import LockTimeout, Store, StoreError
 from .deletion import (
@@ -50,7 +52,6 @@ from .deletion import (
 from .deletion import recover as recover_requests
 from .deletion import unlearn as unlearn_request
 from .ingest import STAGING_DIR, ParquetSource, assemble_shard, combine, partition_part
-from .shard import STORE_FORMAT, TrainJob, read_store_meta
 
 log = logging.getLogger(__name__)
 
@@ -542,6 +543,8 @@ class SISAEnsemble:
         test split (when there is one). ``work_store`` is where the scratch ensemble is trained
         (a temporary directory by default; on a cluster give shared storage).
         """
+        from .core.checkpoint import states_identical
+
         self._check_fitted()
         self.refresh()
         t0 = time.perf_counter()
@@ -612,6 +615,8 @@ def check_data(config: SISAConfig, data: SampleSet, what: str) -> None:
 
 def checkpoint_digests_match(store: Store, manifest: Manifest, config: SISAConfig) -> list[bool]:
     """Per shard: does every checkpoint record exactly the retained ids of its slices?"""
+    from .core.checkpoint import Checkpoint
+
     out = []
     for e in manifest.shards:
         ids = store.read_table(e.data.path, columns=["id"]).column("id").to_numpy()
@@ -627,6 +632,8 @@ def checkpoint_digests_match(store: Store, manifest: Manifest, config: SISAConfi
 
 def load_states(store: Store, manifest: Manifest, all_steps: bool = False) -> list:
     """Model states per shard from a store's live checkpoints."""
+    from .core.checkpoint import Checkpoint
+
     out = []
     for e in manifest.shards:
         refs = e.checkpoints if all_steps else e.checkpoints[-1:]

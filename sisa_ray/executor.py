@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from .core.config import ResourceConfig
+from .core.jobs import TrainJob
 from .core.runtime import check_capability
-from .shard import ShardWorker, TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,10 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, worker_cls: type = ShardWorker) -> None:
-        self.worker_cls = worker_cls
+    def __init__(self, worker_cls: type | None = None) -> None:
+        from .shard import ShardWorker
+
+        self.worker_cls = worker_cls or ShardWorker
         self._worker: Any = None
         self._store_uri: str | None = None
         self.startup_seconds = 0.0
@@ -112,46 +114,11 @@ def joins_cluster(address: str | None) -> bool:
     return bool(address or os.environ.get("RAY_ADDRESS"))
 
 
-class PooledWorker(ShardWorker):
-    """A ShardWorker that, detached on a cluster, stops itself when its store is gone or it sat
-    idle too long, so nothing outlives the store it serves."""
+def _stop_this_actor() -> None:
+    """Called inside a detached worker that decided to stop (store gone, or idle)."""
+    import ray
 
-    def __init__(self, store_uri: str, cache_mb: float = 512.0,
-                 idle_timeout_s: float | None = None) -> None:
-        super().__init__(store_uri, cache_mb)
-        self._last_call = time.monotonic()
-        if idle_timeout_s is not None:
-            threading.Thread(target=self._watch, args=(idle_timeout_s,), daemon=True).start()
-
-    def _touch(self) -> None:
-        self._last_call = time.monotonic()
-
-    def train(self, job):
-        self._touch()
-        try:
-            return super().train(job)
-        finally:
-            self._touch()
-
-    def predict_proba(self, entries, features):
-        self._touch()
-        return super().predict_proba(entries, features)
-
-    def _watch(self, idle_timeout_s: float) -> None:
-        import ray
-
-        from .core.manifest import STORE_META
-
-        period = min(30.0, idle_timeout_s / 4)
-        while True:
-            time.sleep(period)
-            gone = not self.store.exists(STORE_META)
-            idle = time.monotonic() - self._last_call > idle_timeout_s
-            if gone or idle:
-                log.info("worker of %s stops: %s", self.store.location,
-                         "store is gone" if gone else "idle")
-                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
-                return
+    ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
 
 class RayExecutor:
@@ -164,7 +131,7 @@ class RayExecutor:
         resources: ResourceConfig | None = None,
         *,
         address: str | None = None,
-        worker_cls: type = PooledWorker,
+        worker_cls: type | None = None,
         max_restarts: int = 3,
         idle_timeout_s: float = 3600.0,
     ) -> None:
@@ -235,13 +202,16 @@ class RayExecutor:
             cfg = hashlib.sha256(repr(sorted(self._env.items())).encode()).hexdigest()[:8]
             idle = self.idle_timeout_s
             options.update(lifetime="detached", namespace=ns, get_if_exists=True)
-        cls = ray.remote(self.worker_cls)
+        from .shard import ShardWorker
+
+        cls = ray.remote(self.worker_cls or ShardWorker)
         t0 = time.perf_counter()
         for i in new:
             opts = dict(options)
             if self.detached:
                 opts["name"] = f"worker-{i}-t{self._threads}-{cfg}"
-            self._workers[i] = cls.options(**opts).remote(self._store_uri, 512.0, idle)
+            self._workers[i] = cls.options(**opts).remote(
+                self._store_uri, 512.0, idle, _stop_this_actor if idle else None)
         # An actor that refuses the store's runtime fails here, before anything is recorded.
         try:
             hashes = ray.get([self._workers[i].ping.remote() for i in new])
@@ -321,6 +291,15 @@ class RayExecutor:
             for s, p in zip(groups[w], res):
                 out[s] = p
         return out
+
+    def worker_memory_mb(self) -> float:
+        """Proportional set size (PSS) of all this pool's worker processes together, in MB."""
+        import psutil
+        import ray
+
+        pids = ray.get([w.__ray_call__.remote(lambda _self: os.getpid())
+                        for w in self._workers.values()])
+        return sum(psutil.Process(p).memory_full_info().pss for p in pids) / 2**20
 
     def shutdown(self) -> None:
         """Forget the workers; local (non-detached) ones are stopped. Detached workers stay warm

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -56,6 +55,8 @@ class ParquetSource:
 
     def parts(self) -> list[tuple[str, int]]:
         """``(file, row group)`` of every row group of the input: the units of work."""
+        import pyarrow.dataset as pads  # pulls in pandas: only when sharding Parquet
+
         fs, path = self._fs()
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:

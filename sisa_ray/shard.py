@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +23,8 @@ import torch
 from .core.checkpoint import Checkpoint, ids_digest, sha256
 from .core.config import SISAConfig
 from .core.data import SampleSet
-from .core.manifest import FileRef, ShardEntry, shard_dir
+from .core.jobs import TrainJob, TrainResult
+from .core.manifest import FileRef, ShardEntry, read_store_meta, shard_dir
 from .core.plan import assign
 from .core.runtime import check_runtime
 from .core.store import Store, StoreError
@@ -39,58 +40,6 @@ from .models import build_model
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainJob:
-    """Train shard ``shard`` into version ``version``.
-
-    The shard's samples are those of ``data`` minus ``remove_ids``. Steps before ``start_step`` are
-    kept from ``base_checkpoints`` (the last clean slices); steps from ``start_step`` on are trained.
-    """
-
-    shard: int
-    version: int
-    data: dict  # FileRef as a dict
-    start_step: int = 0
-    base_checkpoints: list[dict] = field(default_factory=list)
-    remove_ids: list[int] = field(default_factory=list)
-
-
-@dataclass
-class TrainResult:
-    entry: dict  # ShardEntry as a dict
-    sample_steps: int
-    seconds: float
-    train_seconds: float
-    start_step: int
-
-
-def read_store_meta(store: Store) -> dict:
-    """``store.json``, checked: its format, and that it holds a config."""
-    from .core.manifest import STORE_META
-
-    raw = store.read_optional(STORE_META)
-    if raw is None:
-        raise StoreError(
-            f"No sisa-ray ensemble at {store.location}. Train one first: "
-            f"`sisa-ray train --store {store.location}`."
-        )
-    meta = store.read_json(STORE_META, raw)
-    if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise StoreError(
-            f"{store.location}/{STORE_META} has format {got!r}; this sisa-ray reads format "
-            f"{STORE_FORMAT}. Use the sisa-ray version that wrote the store, or train a new one."
-        )
-    missing = [k for k in ("config", "config_hash", "dataset") if k not in meta]
-    if missing:
-        raise StoreError(
-            f"{store.location}/{STORE_META} lacks {missing}: it was edited or cut short. "
-            "Restore it from backup, or train a new store."
-        )
-    return meta
-
-
-STORE_FORMAT = 2
 
 
 class ShardWorker:
@@ -104,7 +53,8 @@ class ShardWorker:
     keyed by the checkpoint's path and SHA-256, so a newer generation can never be served stale.
     """
 
-    def __init__(self, store_uri: str, cache_mb: float = 512.0) -> None:
+    def __init__(self, store_uri: str, cache_mb: float = 512.0,
+                 idle_timeout_s: float | None = None, on_stop=None) -> None:
         self.store = Store(store_uri)
         meta = read_store_meta(self.store)
         self.config = SISAConfig.from_dict(meta["config"])
@@ -121,6 +71,26 @@ class ShardWorker:
         # A first optimizer import pulls in torch._dynamo (seconds of CPU). Pay it at start-up,
         # once per process, rather than inside the first (timed) training job.
         make_optimizer(self._new_model(0), self.config.training)
+        self._last_call = time.monotonic()
+        if idle_timeout_s is not None and on_stop is not None:
+            threading.Thread(target=self._watch, args=(idle_timeout_s, on_stop),
+                             daemon=True).start()
+
+    def _watch(self, idle_timeout_s: float, on_stop) -> None:
+        """A long-lived worker stops itself when its store is gone (or retrained under another
+        config) or it sat idle too long, so nothing outlives the store it serves."""
+        period = min(30.0, idle_timeout_s / 4)
+        while True:
+            time.sleep(period)
+            try:
+                gone = read_store_meta(self.store)["config_hash"] != self.config_hash
+            except StoreError:
+                gone = True
+            if gone or time.monotonic() - self._last_call > idle_timeout_s:
+                log.info("worker of %s stops (%s)", self.store.location,
+                         "store gone" if gone else "idle")
+                on_stop()
+                return
 
     def ping(self) -> str:
         return self.config_hash
@@ -130,6 +100,7 @@ class ShardWorker:
     def predict_proba(self, entries: list[dict], features: np.ndarray) -> list[np.ndarray | None]:
         """Probabilities of each shard's live model (given by its manifest entry), or None for a
         shard left with no samples (it abstains)."""
+        self._last_call = time.monotonic()
         out = []
         for d in entries:
             entry = ShardEntry.from_dict(d)
@@ -195,6 +166,7 @@ class ShardWorker:
         Idempotent: running a job twice writes the same bytes to the same paths, because Ray
         may retry a call after a failure.
         """
+        self._last_call = time.monotonic()
         if isinstance(job, dict):
             job = TrainJob(**job)
         shard = job.shard

@@ -329,12 +329,17 @@ def test_leftover_temporaries_are_collected(tiny, tiny_config, tmp_path):
     train, _ = tiny
     ens = fit(tiny_config, train, tmp_path, "s")
     root = tmp_path / "s"
-    (root / "manifest.json.tmp-deadbeef").write_text("{")
-    (root / "ledger").mkdir(exist_ok=True)
-    (root / "ledger" / "0000000001.json.tmp-cafe0001").write_text("{")
+    (root / ".tmp").mkdir(exist_ok=True)
+    crashed = [root / ".tmp" / "manifest.json.tmp-deadbeef",
+               root / ".tmp" / "0000000001.json.tmp-cafe0001"]
+    in_flight = root / ".tmp" / "step_001.pt.tmp-0123abcd"  # a write happening right now
+    for p in [*crashed, in_flight]:
+        p.write_text("{")
+    for p in crashed:
+        os.utime(p, (1e9, 1e9))  # left by a crash long ago
     ens.unlearn([int(train.ids[0])])
     left = [p.name for p in root.rglob("*") if ".tmp-" in p.name]
-    assert left == []
+    assert left == [in_flight.name]
 
 
 def test_formats_are_checked(tiny, tiny_config, tmp_path):

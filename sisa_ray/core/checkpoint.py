@@ -11,20 +11,16 @@ each file's SHA-256, checked on every load, so a truncated or altered file is re
 
 from __future__ import annotations
 
-import hashlib
 import io
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
+from .plan import ids_digest
 from .store import StoreError, sha256
 
-
-def ids_digest(ids: np.ndarray) -> str:
-    """Order-independent digest of a set of sample ids."""
-    return hashlib.sha256(np.sort(np.asarray(ids, dtype=np.int64)).tobytes()).hexdigest()[:16]
+__all__ = ["Checkpoint", "ids_digest", "sha256", "states_identical"]
 
 
 @dataclass

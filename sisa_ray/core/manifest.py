@@ -189,9 +189,32 @@ def collect_garbage(store: Store, manifest: Manifest) -> list[str]:
         if rel not in live and rel != keep_body:
             store.delete(rel)
             removed.append(rel)
-    for rel in store.list(""):
-        if ".tmp-" in rel.rsplit("/", 1)[-1] and not rel.startswith(
-                (SHARDS_DIR, MANIFESTS_DIR, STAGING_DIR)):
-            store.delete(rel)  # an interrupted atomic write of the pointer, ledger or metadata
-            removed.append(rel)
+    removed += store.clear_temporaries()  # interrupted atomic writes (pointer, ledger, data)
     return removed
+
+
+def read_store_meta(store: Store) -> dict:
+    """``store.json``, checked: its format, and that it holds a config."""
+    raw = store.read_optional(STORE_META)
+    if raw is None:
+        raise StoreError(
+            f"No sisa-ray ensemble at {store.location}. Train one first: "
+            f"`sisa-ray train --store {store.location}`."
+        )
+    meta = store.read_json(STORE_META, raw)
+    if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise StoreError(
+            f"{store.location}/{STORE_META} has format {got!r}; this sisa-ray reads format "
+            f"{STORE_FORMAT}. Use the sisa-ray version that wrote the store, or train a new one."
+        )
+    missing = [k for k in ("config", "config_hash", "dataset") if k not in meta]
+    if missing:
+        raise StoreError(
+            f"{store.location}/{STORE_META} lacks {missing}: it was edited or cut short. "
+            "Restore it from backup, or train a new store."
+        )
+    return meta
+
+
+STORE_FORMAT = 2

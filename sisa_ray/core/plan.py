@@ -12,6 +12,7 @@ stable across platforms and well spread, not cryptographic.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,11 @@ def _mix64(x: np.ndarray) -> np.ndarray:
         x *= np.uint64(0x94D049BB133111EB)
         x ^= x >> np.uint64(31)
     return x
+
+
+def ids_digest(ids: np.ndarray) -> str:
+    """Order-independent digest of a set of sample ids."""
+    return hashlib.sha256(np.sort(np.asarray(ids, dtype=np.int64)).tobytes()).hexdigest()[:16]
 
 
 def derive_seed(*parts: int) -> int:

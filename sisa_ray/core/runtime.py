@@ -10,9 +10,12 @@ dispatch to it (:func:`check_runtime`), e.g. on a node whose CPU lacks the instr
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .config import TrainingConfig
+
+if TYPE_CHECKING:  # torch is imported only where a model is trained: a driver need not load it
+    import torch
 
 
 class RuntimeMismatch(RuntimeError):
@@ -22,6 +25,8 @@ class RuntimeMismatch(RuntimeError):
 
 def current_cpu_capability() -> str:
     """The CPU capability this process dispatches to, as ``ATEN_CPU_CAPABILITY`` spells it."""
+    import torch
+
     return torch.backends.cpu.get_cpu_capability().lower()
 
 
@@ -37,6 +42,8 @@ def pinned_env(training: TrainingConfig) -> dict[str, str]:
 
 def check_runtime(training: TrainingConfig, where: str = "this process") -> torch.device:
     """The device to train on, after checking this process honours the pinned runtime."""
+    import torch
+
     check_capability(training.cpu_capability, where)
     if training.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeMismatch(
@@ -48,6 +55,8 @@ def check_runtime(training: TrainingConfig, where: str = "this process") -> torc
 
 def check_capability(want: str | None, where: str = "this process") -> None:
     """Refuse unless this process dispatches to the ``want`` CPU kernels (None: anything)."""
+    if want is None:
+        return
     have = current_cpu_capability()
     if want is not None and have != want:
         raise RuntimeMismatch(

@@ -126,13 +126,34 @@ class Store:
 
     # -- writing -----------------------------------------------------------------------------------
 
+    def _temporary(self, full: str) -> str:
+        """A fresh temporary path for an atomic local write. Temporaries live in one folder of
+        the store (same file system, so the final rename or link is atomic), where a writer
+        finds and removes those a crash left without listing the rest of the store."""
+        _makedirs_durable(posixpath.join(self.root, TMP_DIR))
+        name = f"{posixpath.basename(full)}.tmp-{uuid.uuid4().hex[:8]}"
+        return posixpath.join(self.root, TMP_DIR, name)
+
+    def clear_temporaries(self, min_age_s: float = 600.0) -> list[str]:
+        """Remove temporaries of interrupted writes. A write's temporary lives for milliseconds,
+        so one older than ``min_age_s`` was left by a crash (younger ones may belong to a write
+        in flight, e.g. a worker's checkpoint)."""
+        if not self.is_local:
+            return []  # object store writes are single PUTs: nothing is ever left half-written
+        now = time.time()
+        old = [rel for rel in self.list(TMP_DIR)
+               if now - os.path.getmtime(self._full(rel)) > min_age_s]
+        for rel in old:
+            self.delete(rel)
+        return old
+
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write ``data`` to ``rel`` atomically: readers see the old object or the new, whole."""
         full = self._full(rel)
         if self.is_local:
             directory = os.path.dirname(full)
             _makedirs_durable(directory)
-            tmp = f"{full}.tmp-{uuid.uuid4().hex[:8]}"
+            tmp = self._temporary(full)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 with os.fdopen(fd, "wb") as f:
@@ -162,7 +183,7 @@ class Store:
         full = self._full(rel)
         directory = os.path.dirname(full)
         _makedirs_durable(directory)
-        tmp = f"{full}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = self._temporary(full)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -229,7 +250,7 @@ class Store:
         info = self.fs.get_file_info(self.root)
         if info.type == pafs.FileType.NotFound:
             return True
-        return not [p for p in self.list("") if p != LOCK_FILE]
+        return not [p for p in self.list("") if p != LOCK_FILE and not p.startswith(TMP_DIR)]
 
     def writer_lock(self, timeout: float = 3600.0, lease_s: float = 60.0) -> WriterLock:
         """Exclusive lock for everything that changes the store (fit, deletions, recovery).
@@ -263,6 +284,7 @@ class Store:
 
 
 LOCK_FILE = ".lock"
+TMP_DIR = ".tmp"
 
 
 class LockTimeout(StoreError):
