@@ -10,7 +10,8 @@ PURE = [
     "sisa_ray.core.config", "sisa_ray.core.plan", "sisa_ray.core.data", "sisa_ray.core.store",
     "sisa_ray.core.checkpoint", "sisa_ray.core.training", "sisa_ray.core.aggregation",
     "sisa_ray.core.ledger", "sisa_ray.core.manifest", "sisa_ray.models", "sisa_ray.datasets",
-    "sisa_ray.shard", "sisa_ray.ensemble", "approx", "approx.methods", "approx.metrics",
+    "sisa_ray.shard", "sisa_ray.ensemble", "sisa_ray.deletion", "sisa_ray.ingest",
+    "sisa_ray.service", "sisa_ray.core.runtime", "sisa_ray.core.jobs", "approx", "approx.methods", "approx.metrics",
     "approx.loop", "tune.objective", "tune.spaces", "tune.problem", "tune.report",
 ]
 
@@ -36,6 +37,21 @@ def test_core_imports_only_torch_numpy_pyarrow():
         "import sisa_ray.core.checkpoint, sisa_ray.core.ledger, sisa_ray.core.manifest\n"
         "new = {m.split('.')[0] for m in set(sys.modules) - before}\n"
         "print(','.join(sorted(new & {'torchvision', 'sklearn', 'ray', 'mlflow', 'pandas'})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_a_driver_does_not_load_torch():
+    """status, delete and predict on Ray run in a driver that trains nothing: importing torch
+    would cost it seconds per command (the workers have it loaded)."""
+    code = (
+        "import sys\n"
+        "import sisa_ray.cli, sisa_ray.ensemble, sisa_ray.deletion, sisa_ray.executor\n"
+        "import sisa_ray.service, sisa_ray.ingest\n"
+        "print(','.join(sorted(m for m in ('torch', 'torchvision', 'pandas', 'mlflow')\n"
+        "                      if m in sys.modules)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=REPO, check=True)
