@@ -124,6 +124,47 @@ def test_shard_actor_killed_during_deletion(ray_session, tmp_path):
     assert_same_as_local(store, cfg, tmp_path, deleted=[victim])
 
 
+def test_a_worker_killed_while_it_holds_several_shards(ray_session, tmp_path):
+    """One worker hosts every shard (max_concurrent=1); it is killed while it retrains the
+    first of three affected shards. Ray restarts it and retries; every shard completes, exactly."""
+    import ray
+
+    from sisa_ray.core.config import ResourceConfig
+
+    train, _ = load_digits()
+    cfg = config(shards=3, slices=2, epochs=200)
+    store = tmp_path / "s"
+    SISAEnsemble(cfg, store=str(store), backend="local").fit(train)
+    ens = SISAEnsemble.open(str(store), backend="ray",
+                            resources=ResourceConfig(max_concurrent=1))
+    shard, slice_ = assign(train.ids, cfg.sharding)
+    victims = [int(train.ids[(shard == s) & (slice_ == 0)][0]) for s in range(3)]
+    errors: list[BaseException] = []
+
+    def delete():
+        try:
+            ens.unlearn(victims)
+        except BaseException as e:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(e)
+
+    t = threading.Thread(target=delete)
+    t.start()
+    deadline = time.monotonic() + 120
+    while not list(store.glob("shards/*/v000002/step_000.pt")):
+        assert t.is_alive() or errors, "deletion ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert len(list(store.glob("shards/*/v000002/step_001.pt"))) < 3, "retrain ended too early"
+    assert len(ens.executor._workers) == 1
+    ray.kill(ens.executor._workers[0], no_restart=False)
+    t.join(timeout=300)
+    assert not errors, errors
+    assert sorted(Ledger(Store(str(store))).deleted_ids()) == sorted(victims)
+    assert [e.version for e in read_manifest(Store(str(store))).shards] == [2, 2, 2]
+    ens.close()
+    assert_same_as_local(store, cfg, tmp_path, deleted=victims)
+
+
 def _session_address(ray_session) -> str:
     return ray_session.get_runtime_context().gcs_address
 
