@@ -418,7 +418,10 @@ def cmd_serve(args) -> int:
     import signal
     import threading
 
+    import ray
+
     from . import serve as http
+    from .core.runtime import RuntimeMismatch
     from .core.store import Store
     from .executor import ensure_ray
 
@@ -426,26 +429,41 @@ def cmd_serve(args) -> int:
     say = _status_printer(args)
     say(f"Starting Ray Serve for {store} ...")
     t0 = time.perf_counter()
-    ensure_ray(args.address)
+    # Ray forwards its processes' output lines to sys.stdout; stdout is kept for --json alone.
+    stdout, sys.stdout = sys.stdout, sys.stderr
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    handlers = {}
     try:
-        url = http.start(store, host=args.host, port=args.port, backend=args.backend,
-                         address=args.address, resources=_ensemble_kwargs(args)["resources"],
-                         verbose=args.verbose)
+        ensure_ray(args.address)
+        # after ray.init, which installs a SIGTERM handler of its own (sys.exit)
+        handlers = {sig: signal.signal(sig, lambda *_: stop.set())
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            url = http.start(store, host=args.host, port=args.port, backend=args.backend,
+                             address=args.address, resources=_ensemble_kwargs(args)["resources"],
+                             verbose=args.verbose)
+        except (StoreError, RuntimeMismatch):
+            raise
+        except RuntimeError as e:  # the replica's own error and traceback are logged above
+            raise CLIError(f"The service did not start ({e}); its error is in the log above.") \
+                from None
         up = time.perf_counter() - t0
         # the one line a user needs, whatever --quiet says
         print(f"sisa-ray serve: {url} serves {store} (up in {up:.1f}s); POST /predict, "
               f"POST /delete, GET /requests/<id>, GET /status. Ctrl-C stops it.",
               file=sys.stderr, flush=True)
         if args.json:
-            print(json.dumps({"url": url, "store": store, "startup_seconds": up}), flush=True)
+            print(json.dumps({"url": url, "store": store, "startup_seconds": up}), file=stdout,
+                  flush=True)
         while not stop.wait(0.5):
             pass
         say("Stopping: finishing the current retrain, releasing the store ...")
     finally:
         http.stop()
+        ray.shutdown()  # and with it Ray's forwarding of log lines, before stdout is restored
+        sys.stdout = stdout
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return 0
 
 

@@ -115,9 +115,10 @@ def default_request_id(ids: np.ndarray) -> str:
 class DeletionContext:
     """What a deletion works on: the store, its config, its ledger and the executor."""
 
-    def __init__(self, store: Store, config: SISAConfig, executor, prepare) -> None:
+    def __init__(self, store: Store, config: SISAConfig, executor, prepare,
+                 ledger: Ledger | None = None) -> None:
         self.store, self.config, self.executor = store, config, executor
-        self.ledger = Ledger(store)
+        self.ledger = ledger or Ledger(store)
         self.prepare = prepare  # prepare(shards): start/bind the workers of these shards
 
     def live_ids(self, manifest: Manifest, shard: int) -> np.ndarray:

@@ -129,7 +129,14 @@ class SISAEnsemble:
                               env=pinned_env(cfg.training), config_hash=self.meta_["config_hash"])
 
     def _context(self) -> DeletionContext:
-        return DeletionContext(self.store_, self.config_, self._executor(), self._prepare)
+        return DeletionContext(self.store_, self.config_, self._executor(), self._prepare,
+                               self._ledger())
+
+    def _ledger(self) -> Ledger:
+        """One ledger reader per handle: it reads the checkpoint once, then only newer events."""
+        if getattr(self, "_ledger_obj", None) is None or self._ledger_obj.store is not self.store_:
+            self._ledger_obj = Ledger(self.store_)
+        return self._ledger_obj
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "manifest_"):
@@ -351,7 +358,7 @@ class SISAEnsemble:
         self.resurrected_ = resurrected(ctx, manifest).tolist()
 
     def _context_readonly(self) -> DeletionContext:
-        return DeletionContext(self.store_, self.config_, None, None)
+        return DeletionContext(self.store_, self.config_, None, None, self._ledger())
 
     def recover(self, progress=None) -> list[UnlearnReport]:
         """Finish acknowledged deletions and re-delete ids that came back; waits for the lock."""
@@ -513,7 +520,7 @@ class SISAEnsemble:
         """The live state, read from the store alone: no worker is started."""
         self._check_fitted()
         m = self.manifest_
-        ledger = Ledger(self.store_)
+        ledger = self._ledger()
         return {
             "store": self.store_.location,
             "config": self.config_.to_dict(),

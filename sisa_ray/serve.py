@@ -209,6 +209,8 @@ def start(store: str, *, host: str = "127.0.0.1", port: int = 8000, backend: str
     from .core.runtime import pinned_env
     from .ensemble import SISAEnsemble
 
+    if not verbose:  # importing ray.serve set its logger to INFO
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     ens = SISAEnsemble.open(store, backend=backend, address=address, recover=False)
     with ens.store_.writer_lock(timeout=0):
         pass
@@ -239,6 +241,8 @@ def start(store: str, *, host: str = "127.0.0.1", port: int = 8000, backend: str
 
 def stop() -> None:
     """Shut the app and Serve down; the replica's ``__del__`` releases the writer lock."""
+    import ray
     from ray import serve
 
-    serve.shutdown()
+    if ray.is_initialized():  # else Serve would start Ray only to find nothing to stop
+        serve.shutdown()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import threading
 from dataclasses import dataclass, field
 
 from .store import Store, StoreError
@@ -122,9 +123,14 @@ class Ledger:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._state: LedgerState | None = None
+        self._mutex = threading.RLock()  # one reader may serve several threads of a handle
 
     def state(self) -> LedgerState:
         """The current state: the cached or checkpointed state plus every newer event."""
+        with self._mutex:
+            return self._refresh()
+
+    def _refresh(self) -> LedgerState:
         if self._state is None:
             raw = self.store.read_optional(LEDGER_STATE)
             self._state = (LedgerState() if raw is None
@@ -163,6 +169,10 @@ class Ledger:
         return {} if req.end_seq is None else self.event(req.end_seq).get("report", {})
 
     def _append(self, event: dict, lock) -> int:
+        with self._mutex:
+            return self._append_locked(event, lock)
+
+    def _append_locked(self, event: dict, lock) -> int:
         lock.check()
         st = self.state()
         seq = st.seq + 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import posixpath
 import uuid
 from dataclasses import dataclass, field
 
@@ -189,6 +190,8 @@ def collect_garbage(store: Store, manifest: Manifest) -> list[str]:
         if rel not in live and rel != keep_body:
             store.delete(rel)
             removed.append(rel)
+    # emptied version folders go too: left behind, every later listing would walk them
+    store.delete_empty_dirs(sorted({posixpath.dirname(r) for r in removed}, reverse=True))
     removed += store.clear_temporaries()  # interrupted atomic writes (pointer, ledger, data)
     return removed
 

@@ -232,6 +232,16 @@ class Store:
         self.write_bytes(rel, blob)
         return sha256(blob)
 
+    def delete_empty_dirs(self, rel_dirs: list[str]) -> None:
+        """Remove these folders where they are empty (local stores; object stores have none)."""
+        if not self.is_local:
+            return
+        for rel in rel_dirs:
+            try:
+                os.rmdir(self._full(rel))
+            except OSError:  # not empty, or gone already
+                pass
+
     def delete(self, rel: str) -> None:
         try:
             self.fs.delete_file(self._full(rel))
