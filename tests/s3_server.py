@@ -1,8 +1,9 @@
 """A real S3-compatible server for the tests: moto's server mode, in a subprocess, on 127.0.0.1.
 
 ``S3Server`` starts it on a free loopback port, waits until it answers, creates a bucket, and
-hands out store URIs under a fresh prefix each; the ``s3_server`` fixture holds one for the
-session. ``python tests/s3_server.py PORT`` is what the subprocess runs.
+hands out store URIs under a fresh prefix each. The ``s3_service`` fixture holds one for the
+session, and ``s3`` points a test's environment at it. ``python tests/s3_server.py PORT`` is
+what the subprocess runs.
 
 moto checks a conditional PUT's precondition and then stores the object, in a threaded server
 with no lock between the two; real S3 decides the pair atomically. The subprocess therefore runs
@@ -54,11 +55,15 @@ class S3Server:
         self._log = None
 
     def __enter__(self) -> S3Server:
-        for _ in range(3):  # the free port may be taken between probing and binding
-            if self._start():
-                self.client().create_bucket(Bucket=BUCKET)
-                return self
-        raise RuntimeError(f"the S3 test server did not start: {self._log_tail()}")
+        try:
+            for _ in range(3):  # the free port may be taken between probing and binding
+                if self._start():
+                    self.client().create_bucket(Bucket=BUCKET)
+                    return self
+            raise RuntimeError(f"the S3 test server did not start: {self._log_tail()}")
+        except BaseException:
+            self._kill()
+            raise
 
     def __exit__(self, *exc) -> None:
         self._kill()
@@ -113,21 +118,21 @@ class S3Server:
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """One S3 server for the session (tests take fresh prefixes from ``s3_server.uri()``)."""
+def s3_service():
+    """One S3 server for the session (tests take fresh prefixes from ``.uri()``)."""
     pytest.importorskip("moto.server", reason="the S3 tests need moto[server] (pip install -e .[dev])")
     with S3Server() as server:
         yield server
 
 
 @pytest.fixture
-def s3(s3_server, monkeypatch):
+def s3(s3_service, monkeypatch):
     """The session's S3 server, with this test's process (and its children) pointed at it."""
     for key in CLIENT_UNSET:
         monkeypatch.delenv(key, raising=False)
     for key, value in CLIENT_ENV.items():
         monkeypatch.setenv(key, value)
-    return s3_server
+    return s3_service
 
 
 # -- the server process -------------------------------------------------------------------------------
@@ -140,10 +145,10 @@ def one_request_at_a_time(app):
     def serve(environ, start_response):
         stream = environ["wsgi.input"]
         length = environ.get("CONTENT_LENGTH")
-        if environ.get("wsgi.input_terminated") or not length:
+        if environ.get("wsgi.input_terminated"):  # chunked: the server marks the end
             body = stream.read()
         else:
-            body = stream.read(int(length))
+            body = stream.read(int(length)) if length else b""
         environ["wsgi.input"] = io.BytesIO(body)
         chunks: list[bytes] = []
         reply = []

@@ -167,7 +167,8 @@ class Store:
                 raise
             _fsync_dir(directory)
         else:
-            self.fs.create_dir(posixpath.dirname(full), recursive=True)
+            # no create_dir: object stores have no folders, and its marker objects would pile
+            # up with every version written
             with self.fs.open_output_stream(full) as f:
                 f.write(data)
 
