@@ -16,6 +16,13 @@ PURE = [
 ]
 
 
+def _fresh_interpreter(code: str) -> str:
+    """What ``code`` prints in a new Python process (nothing imported before it)."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, check=True)
+    return out.stdout.strip()
+
+
 def test_pure_modules_import_no_ray_or_mlflow():
     code = (
         "import importlib, sys\n"
@@ -24,9 +31,7 @@ def test_pure_modules_import_no_ray_or_mlflow():
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow'))\n"
         "print(','.join(bad))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=REPO, check=True)
-    assert out.stdout.strip() == "", f"pure modules pulled in {out.stdout.strip()}"
+    assert _fresh_interpreter(code) == "", f"pure modules pulled in {out.stdout.strip()}"
 
 
 def test_core_imports_only_torch_numpy_pyarrow():
@@ -38,9 +43,7 @@ def test_core_imports_only_torch_numpy_pyarrow():
         "new = {m.split('.')[0] for m in set(sys.modules) - before}\n"
         "print(','.join(sorted(new & {'torchvision', 'sklearn', 'ray', 'mlflow', 'pandas'})))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=REPO, check=True)
-    assert out.stdout.strip() == ""
+    assert _fresh_interpreter(code) == ""
 
 
 def test_a_driver_does_not_load_torch():
@@ -53,9 +56,7 @@ def test_a_driver_does_not_load_torch():
         "print(','.join(sorted(m for m in ('torch', 'torchvision', 'pandas', 'mlflow')\n"
         "                      if m in sys.modules)))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=REPO, check=True)
-    assert out.stdout.strip() == ""
+    assert _fresh_interpreter(code) == ""
 
 
 def test_generic_package_names_resolve_to_this_repository():
