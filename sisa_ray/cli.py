@@ -423,7 +423,6 @@ def cmd_serve(args) -> int:
     from . import serve as http
     from .core.runtime import RuntimeMismatch
     from .core.store import Store
-    from .executor import ensure_ray
 
     store = Store(args.store).uri
     say = _status_printer(args)
@@ -434,10 +433,6 @@ def cmd_serve(args) -> int:
     stop = threading.Event()
     handlers = {}
     try:
-        ensure_ray(args.address)
-        # after ray.init, which installs a SIGTERM handler of its own (sys.exit)
-        handlers = {sig: signal.signal(sig, lambda *_: stop.set())
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             url = http.start(store, host=args.host, port=args.port, backend=args.backend,
                              address=args.address, resources=_ensemble_kwargs(args)["resources"],
@@ -447,6 +442,9 @@ def cmd_serve(args) -> int:
         except RuntimeError as e:  # the replica's own error and traceback are logged above
             raise CLIError(f"The service did not start ({e}); its error is in the log above.") \
                 from None
+        # after ray.init, which installs a SIGTERM handler of its own (sys.exit)
+        handlers = {sig: signal.signal(sig, lambda *_: stop.set())
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
         up = time.perf_counter() - t0
         # the one line a user needs, whatever --quiet says
         print(f"sisa-ray serve: {url} serves {store} (up in {up:.1f}s); POST /predict, "

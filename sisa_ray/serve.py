@@ -115,6 +115,7 @@ class DeletionEndpoint:
             return (202 if ack["status"] == "pending" else 200), ack
         if path == "/status":
             _expect(method, "GET", path)
+            self.service.ens.refresh()  # the live generation, not the one last predicted with
             return 200, self.service.status()
         if path.startswith("/requests/"):
             _expect(method, "GET", "/requests/<request_id>")
@@ -199,22 +200,24 @@ def check_port(host: str, port: int) -> None:
 def start(store: str, *, host: str = "127.0.0.1", port: int = 8000, backend: str = "ray",
           address: str | None = None, resources: ResourceConfig | None = None,
           vote: str = "hard", verbose: bool = False) -> str:
-    """Serve ``store`` over HTTP on Ray Serve (Ray must be initialised); return its URL.
+    """Start Ray (or join ``address``) and serve ``store`` over HTTP on Ray Serve; return its URL.
 
-    The store is checked here first (it exists, no other writer holds it), so a mistake is one
-    line in this process rather than a replica that fails to start.
+    The store (it exists, no other writer holds it) and the port are checked first, before Ray
+    starts, so a mistake is one line at once rather than a replica that fails to start.
     """
-    from ray import serve
-
     from .core.runtime import pinned_env
     from .ensemble import SISAEnsemble
+    from .executor import ensure_ray
 
-    if not verbose:  # importing ray.serve set its logger to INFO
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     ens = SISAEnsemble.open(store, backend=backend, address=address, recover=False)
     with ens.store_.writer_lock(timeout=0):
         pass
     check_port(host, port)
+    ensure_ray(address)
+    from ray import serve
+
+    if not verbose:  # importing ray.serve set its logger to INFO
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     deployment = serve.deployment(
         DeletionEndpoint,
         name="DeletionEndpoint",

@@ -44,7 +44,6 @@ class DeletionService:
         self._ack_mutex = threading.Lock()  # acknowledgements, one at a time
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self.batches: list[list[str]] = []  # request ids applied together, in order
         self.last_error: str | None = None
         self._busy = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sisa-ray-deletions", daemon=True)
@@ -122,6 +121,7 @@ class DeletionService:
                 "generation": self.ens.manifest_.generation}
 
     def status(self) -> dict:
+        self.ens.refresh()  # the background thread may have made a newer generation live
         st = self.ens.status()
         st["retraining"] = self._busy.is_set()
         st["last_error"] = self.last_error
@@ -140,9 +140,7 @@ class DeletionService:
                 continue
             self._busy.set()
             try:
-                reports = recover(self.ens._context(), self.lock)
-                if reports:
-                    self.batches.append([r.request_id for r in reports])
+                recover(self.ens._context(), self.lock)
                 self.last_error = None
             except Exception as e:  # kept for the status endpoint; retried on the next wake-up
                 log.exception("applying deletions failed")

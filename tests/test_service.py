@@ -58,7 +58,10 @@ def test_requests_arriving_during_a_retrain_are_coalesced(tiny, tiny_config, tmp
         ex.gate.set()
         for rid in ("first", "second", "third"):
             assert svc.wait(rid)["status"] == "completed"
-        assert svc.batches == [["first"], ["second", "third"]]
+        # the durable record: each completion's report names the requests retrained together
+        assert svc.request("first")["report"]["batch"] is None
+        for rid in ("second", "third"):
+            assert svc.request(rid)["report"]["batch"] == ["second", "third"]
         assert ex.batches == [[0], [1, 2]]
         with pytest.raises(ValueError, match="never trained on"):
             svc.submit([10**12])
