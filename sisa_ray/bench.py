@@ -108,7 +108,7 @@ def run_config(spec: BenchSpec, train: SampleSet, test: SampleSet, s: int, r: in
     concurrent = min(s, ens.executor.max_concurrent())
     row = {
         "workers": len(ens.executor._workers),
-        "workers_pss_mb": ens.executor.worker_memory_mb(),
+        **{f"workers_{k}_mb": v for k, v in ens.executor.worker_memory_mb().items()},
         "shards": s, "slices": r, "repeat": repeat, "epochs": spec.epochs,
         "epochs_per_step": list(epochs_per_step(training, r)),
         "actor_startup_s": ens.executor.startup_seconds, "train_wall_s": fit_wall,
@@ -146,7 +146,8 @@ def run_config(spec: BenchSpec, train: SampleSet, test: SampleSet, s: int, r: in
         })
     ens.shard_proba(test.features[:256])  # every live model loaded once
     row["predict_256_s"] = _timed(lambda: ens.shard_proba(test.features[:256]))
-    row["workers_pss_mb_after_predict"] = ens.executor.worker_memory_mb()
+    row.update({f"workers_{k}_mb_after_predict": v
+                for k, v in ens.executor.worker_memory_mb().items()})
     if repeat == 0 and spec.cli and (s, r) == (spec.shards[0], spec.slices[0]):
         row.update(cli_latency(ens, victims[: spec.requests].tolist(), train))
     epochs = epochs_per_step(training, r)
@@ -302,7 +303,10 @@ def _line(row: dict) -> str:
         parts.append(f"batch: wall x{row['batch_speedup_wall']:.1f}, steps "
                      f"x{row['batch_speedup_steps']:.1f} (expect "
                      f"x{row['expected_speedup_batched']:.1f})")
-    parts.append(f"{row['workers']} worker(s), {row['workers_pss_mb']:.0f} MB")
+    parts.append(f"{row['workers']} worker(s): {row['workers_pss_mb']:.0f} MB PSS "
+                 f"({row['workers_uss_mb']:.0f} MB USS) after training, "
+                 f"{row['workers_pss_mb_after_predict']:.0f} MB PSS "
+                 f"({row['workers_uss_mb_after_predict']:.0f} USS) after predicting")
     if "cli_delete_warm_s" in row:
         parts.append(
             f"CLI delete cold {row['cli_delete_cold_s']:.1f}s, warm {row['cli_delete_warm_s']:.1f}s"

@@ -495,13 +495,14 @@ def cmd_bench(args) -> int:
     summary = run_bench(spec, out, mlflow_uri=False if args.no_mlflow else args.mlflow_uri,
                         say=say)
     lines = [f"Results in {out} (bench.csv, bench.json, plots)",
-             "| S | R | workers | worker MB | train s | eff | acc hard | acc soft | "
-             "1-id delete s | speedup wall | speedup steps | expected | paper |",
+             "| S | R | workers | worker MB (PSS/USS, after predict) | train s | eff | acc hard "
+             "| acc soft | 1-id delete s | speedup wall | speedup steps | expected | paper |",
              "|" + "---|" * 13]
     for r in summary["rows"]:
         lines.append(
-            f"| {r['shards']} | {r['slices']} | {r['workers']} | {r['workers_pss_mb']:.0f} | "
-            f"{r['train_wall_s']:.1f} | "
+            f"| {r['shards']} | {r['slices']} | {r['workers']} | {r['workers_pss_mb']:.0f}/"
+            f"{r['workers_uss_mb']:.0f} ({r['workers_pss_mb_after_predict']:.0f}/"
+            f"{r['workers_uss_mb_after_predict']:.0f}) | {r['train_wall_s']:.1f} | "
             f"{r['parallel_efficiency']:.2f} | {r['acc_hard']:.4f} | {r['acc_soft']:.4f} | "
             f"{r.get('seq_delete_wall_s', float('nan')):.2f} | "
             f"{r.get('seq_speedup_wall', float('nan')):.1f} | "

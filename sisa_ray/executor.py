@@ -114,6 +114,28 @@ def joins_cluster(address: str | None) -> bool:
     return bool(address or os.environ.get("RAY_ADDRESS"))
 
 
+class WorkerActor:
+    """The actor class of the pool: a shell that builds the :class:`~sisa_ray.shard.ShardWorker`
+    inside the worker process, so the driver that starts it never imports torch (seconds)."""
+
+    def __init__(self, *args) -> None:
+        from .shard import ShardWorker
+
+        self._worker = ShardWorker(*args)
+
+    def ping(self) -> str:
+        return self._worker.ping()
+
+    def train(self, job):
+        return self._worker.train(job)
+
+    def predict_proba(self, entries, features):
+        return self._worker.predict_proba(entries, features)
+
+    def cached_models(self) -> int:
+        return self._worker.cached_models()
+
+
 def _stop_this_actor() -> None:
     """Called inside a detached worker that decided to stop (store gone, or idle)."""
     import ray
@@ -202,9 +224,7 @@ class RayExecutor:
             cfg = hashlib.sha256(repr(sorted(self._env.items())).encode()).hexdigest()[:8]
             idle = self.idle_timeout_s
             options.update(lifetime="detached", namespace=ns, get_if_exists=True)
-        from .shard import ShardWorker
-
-        cls = ray.remote(self.worker_cls or ShardWorker)
+        cls = ray.remote(self.worker_cls or WorkerActor)
         t0 = time.perf_counter()
         for i in new:
             opts = dict(options)
@@ -292,14 +312,17 @@ class RayExecutor:
                 out[s] = p
         return out
 
-    def worker_memory_mb(self) -> float:
-        """Proportional set size (PSS) of all this pool's worker processes together, in MB."""
+    def worker_memory_mb(self) -> dict[str, float]:
+        """Memory of all this pool's worker processes together, in MB: ``uss`` (private to
+        them), ``pss`` (plus their share of what they map with others: libraries, Ray's object
+        store pages they touched)."""
         import psutil
         import ray
 
         pids = ray.get([w.__ray_call__.remote(lambda _self: os.getpid())
                         for w in self._workers.values()])
-        return sum(psutil.Process(p).memory_full_info().pss for p in pids) / 2**20
+        infos = [psutil.Process(p).memory_full_info() for p in pids]
+        return {"uss": sum(i.uss for i in infos) / 2**20, "pss": sum(i.pss for i in infos) / 2**20}
 
     def shutdown(self) -> None:
         """Forget the workers; local (non-detached) ones are stopped. Detached workers stay warm

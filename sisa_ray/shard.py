@@ -9,6 +9,7 @@ paths, because Ray may retry a call after a failure.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -110,6 +111,7 @@ class ShardWorker:
             model = self._live_model(entry)
             with deterministic_torch(self.config.training.threads):
                 out.append(predict_proba(model, features, self.device, task=self.task))
+        _release_free_memory()
         return out
 
     def _live_model(self, entry: ShardEntry) -> torch.nn.Module:
@@ -246,3 +248,12 @@ def _cpu_state(state):
     if isinstance(state, (list, tuple)):
         return type(state)(_cpu_state(v) for v in state)
     return state
+
+
+def _release_free_memory() -> None:
+    """Give the allocator's freed pages back to the system (glibc keeps them otherwise): a
+    worker that just ran many models over a large batch should not sit on their activations."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
