@@ -590,7 +590,7 @@ class SISAEnsemble:
                 p1, a1 = self.shard_proba(test.features)
                 p2, a2 = fresh.shard_proba(test.features)
                 preds_same = bool(np.array_equal(p1, p2) and np.array_equal(a1, a2))
-            fresh._executor().shutdown()
+            fresh._executor().shutdown(release=True)  # its scratch store is about to go
         finally:
             if tmp is not None:
                 tmp.cleanup()

@@ -85,7 +85,7 @@ class LocalExecutor:
     def predict_proba(self, features: np.ndarray, entries: list[dict]) -> list[np.ndarray | None]:
         return self._get().predict_proba(entries, features)
 
-    def shutdown(self) -> None:
+    def shutdown(self, release: bool = False) -> None:
         self._worker = None
 
 
@@ -324,12 +324,12 @@ class RayExecutor:
         infos = [psutil.Process(p).memory_full_info() for p in pids]
         return {"uss": sum(i.uss for i in infos) / 2**20, "pss": sum(i.pss for i in infos) / 2**20}
 
-    def shutdown(self) -> None:
+    def shutdown(self, release: bool = False) -> None:
         """Forget the workers; local (non-detached) ones are stopped. Detached workers stay warm
-        for the next command (see :func:`release_workers`)."""
+        for the next command (see :func:`release_workers`) unless ``release``."""
         import ray
 
-        if not self.detached:
+        if release or not self.detached:
             for w in self._workers.values():
                 try:
                     ray.kill(w)
