@@ -4,7 +4,7 @@
 #   RAY_ADDRESS=http://HEAD:8265 cluster/submit.sh delete --store s3://bucket/sisa --ids 3,17,42
 #   RAY_ADDRESS=http://HEAD:8265 cluster/submit.sh compare --dataset fashion-mnist --methods all
 # The working directory (this repository) is shipped with the job to every node and put on its
-# sys.path, so shard actors import sisa_ray there; the pip list installs the package's pins.
+# sys.path, so shard workers import sisa_ray there; the pip list installs the package's pins.
 # The store must be shared storage (s3://, gs://, or a mount every node sees).
 set -euo pipefail
 : "${RAY_ADDRESS:?set RAY_ADDRESS to the job server of the cluster, e.g. http://head:8265}"
