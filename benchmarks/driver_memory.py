@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from ray_cluster import local_cluster
 
 DRIVER = """
 import json, resource, sys, time
@@ -38,11 +37,6 @@ print(json.dumps({"rows": ens.meta_["dataset"]["n_train"], "seconds": time.perf_
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_parquet(path: Path, n: int, row_group: int) -> None:
@@ -69,34 +63,23 @@ def main() -> None:
     ap.add_argument("--row-group", type=int, default=2500)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2",
-                    "--include-dashboard=false", "--disable-usage-stats"], env=env, check=True,
-                   capture_output=True)
     results = {}
-    try:
-        with tempfile.TemporaryDirectory(prefix="sisa-drivermem-") as tmp:
-            for mult in (1, args.factor):
-                n = args.base * mult
-                data = Path(tmp) / f"train-{n}.parquet"
-                write_parquet(data, n, args.row_group)
-                t0 = time.perf_counter()
-                out = subprocess.run([sys.executable, "-c", DRIVER, str(data),
-                                      f"{tmp}/store-{n}", address], env=env,
-                                     capture_output=True, text=True)
-                if out.returncode != 0:
-                    raise SystemExit(out.stderr[-3000:])
-                res = json.loads(out.stdout.strip().splitlines()[-1])
-                res["wall_s"] = time.perf_counter() - t0
-                results[n] = res
-                print(f"{n} rows: driver peak RSS {res['peak_rss_mb']:.0f} MB, "
-                      f"fit {res['seconds']:.1f}s", flush=True)
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+    with local_cluster() as (address, env), \
+            tempfile.TemporaryDirectory(prefix="sisa-drivermem-") as tmp:
+        for mult in (1, args.factor):
+            n = args.base * mult
+            data = Path(tmp) / f"train-{n}.parquet"
+            write_parquet(data, n, args.row_group)
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", DRIVER, str(data), f"{tmp}/store-{n}",
+                                  address], env=env, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(out.stderr[-3000:])
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            res["wall_s"] = time.perf_counter() - t0
+            results[n] = res
+            print(f"{n} rows: driver peak RSS {res['peak_rss_mb']:.0f} MB, "
+                  f"fit {res['seconds']:.1f}s", flush=True)
     small, big = results[args.base], results[args.base * args.factor]
     summary = {"rows": list(results), "results": results,
                "peak_growth": big["peak_rss_mb"] / small["peak_rss_mb"]}

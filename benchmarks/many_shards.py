@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,12 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ray_cluster import local_cluster
 
 
 def worker_memory() -> dict:
@@ -51,53 +44,42 @@ def main() -> None:
 
     from sisa_ray.datasets import load_dataset, write_parquet
 
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2",
-                    "--include-dashboard=false", "--disable-usage-stats"], env=env, check=True,
-                   capture_output=True)
     steps = []
+    with local_cluster() as (address, env), tempfile.TemporaryDirectory(prefix="sisa-many-") as tmp:
 
-    def cli(name: str, *argv: str) -> dict:
-        t0 = time.perf_counter()
-        out = subprocess.run([sys.executable, "-m", "sisa_ray", *argv, "--json", "--address",
-                              address], env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if out.returncode not in (0, 1):
-            raise SystemExit(f"{name} failed: {out.stderr[-3000:]}")
-        mem = worker_memory()
-        steps.append({"step": name, "wall_s": wall, **mem})
-        print(f"{name:<14} {wall:7.2f}s   workers {mem['workers']}: {mem['pss_mb']:6.0f} MB PSS, "
-              f"{mem['uss_mb']:6.0f} MB USS", flush=True)
-        return json.loads(out.stdout)
+        def cli(name: str, *argv: str) -> dict:
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, "-m", "sisa_ray", *argv, "--json",
+                                  "--address", address], env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            if out.returncode not in (0, 1):
+                raise SystemExit(f"{name} failed: {out.stderr[-3000:]}")
+            mem = worker_memory()
+            steps.append({"step": name, "wall_s": wall, **mem})
+            print(f"{name:<14} {wall:7.2f}s   workers {mem['workers']}: {mem['pss_mb']:6.0f} MB "
+                  f"PSS, {mem['uss_mb']:6.0f} MB USS", flush=True)
+            return json.loads(out.stdout)
 
-    try:
-        with tempfile.TemporaryDirectory(prefix="sisa-many-") as tmp:
-            train, test = load_dataset(args.dataset)
-            if args.max_train and args.max_train < len(train):
-                train = train.take(np.arange(args.max_train))
-            write_parquet(train, f"{tmp}/train.parquet")
-            write_parquet(test.take(np.arange(1000)), f"{tmp}/test.parquet")
-            store = f"{tmp}/store"
-            cli("train", "train", "--store", store, "--dataset", f"parquet:{tmp}/train.parquet",
-                "--test", f"parquet:{tmp}/test.parquet", "--n-classes", "10", "--model",
-                args.model, "--shards", str(args.shards), "--slices", str(args.slices),
-                "--epochs", str(args.epochs))
-            cli("predict", "predict", "--store", store, "--input", f"{tmp}/test.parquet",
-                "--output", f"{tmp}/pred.parquet")
-            cli("delete", "delete", "--store", store, "--ids", str(int(train.ids[1])))
-            cli("delete (2nd)", "delete", "--store", store, "--ids", str(int(train.ids[2])))
-            cli("status", "status", "--store", store)
-            rep = cli("verify", "verify", "--store", store, "--work-store", f"{tmp}/verify")
-            cli("release", "release", "--store", store)
-            summary = {"shards": args.shards, "slices": args.slices, "dataset": args.dataset,
-                       "n_train": len(train), "model": args.model, "steps": steps,
-                       "verify_identical": rep["identical"]}
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+        train, test = load_dataset(args.dataset)
+        if args.max_train and args.max_train < len(train):
+            train = train.take(np.arange(args.max_train))
+        write_parquet(train, f"{tmp}/train.parquet")
+        write_parquet(test.take(np.arange(min(1000, len(test)))), f"{tmp}/test.parquet")
+        store = f"{tmp}/store"
+        cli("train", "train", "--store", store, "--dataset", f"parquet:{tmp}/train.parquet",
+            "--test", f"parquet:{tmp}/test.parquet", "--n-classes", "10", "--model",
+            args.model, "--shards", str(args.shards), "--slices", str(args.slices),
+            "--epochs", str(args.epochs))
+        cli("predict", "predict", "--store", store, "--input", f"{tmp}/test.parquet",
+            "--output", f"{tmp}/pred.parquet")
+        cli("delete", "delete", "--store", store, "--ids", str(int(train.ids[1])))
+        cli("delete (2nd)", "delete", "--store", store, "--ids", str(int(train.ids[2])))
+        cli("status", "status", "--store", store)
+        rep = cli("verify", "verify", "--store", store, "--work-store", f"{tmp}/verify")
+        cli("release", "release", "--store", store)
+        summary = {"shards": args.shards, "slices": args.slices, "dataset": args.dataset,
+                   "n_train": len(train), "model": args.model, "steps": steps,
+                   "verify_identical": rep["identical"]}
     print(json.dumps({k: v for k, v in summary.items() if k != "steps"}))
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=1))
