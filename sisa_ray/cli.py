@@ -29,9 +29,20 @@ class CLIError(Exception):
 
 def _emit(args, payload: dict, text: str) -> None:
     if args.json:
-        print(json.dumps(payload, indent=1, default=_json_default))
+        print(json.dumps(_strict(payload), indent=1, default=_json_default, allow_nan=False))
     else:
         print(text)
+
+
+def _strict(o):
+    """JSON has no NaN or infinity: an undefined number is null."""
+    if isinstance(o, dict):
+        return {k: _strict(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_strict(v) for v in o]
+    if isinstance(o, (float, np.floating)) and not np.isfinite(o):
+        return None
+    return o
 
 
 def _json_default(o):

@@ -178,6 +178,7 @@ class SISAEnsemble:
             config = config.resolve(n_classes=data.n_classes, input_shape=data.input_shape,
                                     cpu_capability=current_cpu_capability())
             check_data(config, data, "the training set")
+            check_slices(config, len(data))
             self._check_test(config, test, data.task)
             desc = {"name": data.name, "task": data.task, "rows": len(data),
                     "fingerprint": data.fingerprint()}
@@ -207,6 +208,7 @@ class SISAEnsemble:
         ds = combine(self._executor().run_tasks(partition_part, calls), source)
         if ds["rows"] == 0:
             raise ValueError(f"{source.uri} has no rows; give at least one sample.")
+        check_slices(config, ds["rows"])
         config = config.resolve(n_classes=ds["n_classes"], input_shape=ds["input_shape"],
                                 cpu_capability=current_cpu_capability())
         t = config.training
@@ -600,6 +602,19 @@ class SISAEnsemble:
     def close(self) -> None:
         if self.executor is not None:
             self.executor.shutdown()
+
+
+def check_slices(config: SISAConfig, n_samples: int) -> None:
+    """Refuse a sharding that leaves most slices empty: every slice step costs a checkpoint per
+    shard, so S*R far above the number of samples writes gigabytes of checkpoints for nothing."""
+    s, r = config.sharding.n_shards, config.sharding.n_slices
+    limit = max(1, -(-n_samples // s))  # a shard's expected size: more slices are mostly empty
+    if r > limit:
+        raise ValueError(
+            f"{r} slices per shard for {n_samples} samples in {s} shards (about {n_samples / s:.1f} "
+            f"per shard) would leave most slices empty. Use at most {limit} slices (--slices) "
+            "for this data, or fewer shards."
+        )
 
 
 def check_data(config: SISAConfig, data: SampleSet, what: str) -> None:

@@ -162,7 +162,7 @@ def test_wrong_feature_shape_at_predict(trained):
 
 def test_empty_shard_data_is_defined(tmp_path):
     data = synthetic(n=6)
-    cfg = SISAConfig(sharding=ShardingConfig(n_shards=8, n_slices=2),
+    cfg = SISAConfig(sharding=ShardingConfig(n_shards=8, n_slices=1),
                      training=TrainingConfig(epochs=1, hidden=4))
     ens = SISAEnsemble(cfg, store=str(tmp_path / "s"), backend="local").fit(data)
     _, active = ens.shard_proba(data.features)
@@ -170,3 +170,12 @@ def test_empty_shard_data_is_defined(tmp_path):
                                 __import__("sisa_ray.core.plan", fromlist=["assign"]).assign(
                                     data.ids, cfg.sharding)[0]})
     assert ens.predict(data.features).shape == (6,)
+
+
+def test_slices_far_beyond_the_data_are_refused_before_anything_is_written(tmp_path, tiny):
+    train, _ = tiny
+    cfg = SISAConfig(sharding=ShardingConfig(n_shards=4, n_slices=100000),
+                     training=TrainingConfig(epochs=1))
+    with pytest.raises(ValueError, match=r"100000 slices per shard .* Use at most 75 slices"):
+        SISAEnsemble(cfg, store=str(tmp_path / "s"), backend="local").fit(train)
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").iterdir())

@@ -205,3 +205,16 @@ def test_n_classes_is_recorded_and_a_retrain_with_it_is_identical(cli_store, cap
 
     for x, y in zip(a.shard_states(), b.shard_states()):
         assert states_identical(x, y) == []
+
+
+def test_json_output_is_strict_json(capsys):
+    """An undefined number is null under --json, never NaN or Infinity."""
+    from sisa_ray import cli
+
+    payload = {"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -float("inf")}}
+
+    class Args:
+        json = True
+
+    cli._emit(Args, payload, "")
+    assert json.loads(capsys.readouterr().out) == {"a": None, "b": [None, 1.5], "c": {"d": None}}
