@@ -37,6 +37,7 @@ from .core.runtime import check_capability
 log = logging.getLogger(__name__)
 
 Progress = Callable[[dict], None]
+WORKER_CPU_TOKEN = 0.001
 
 
 class LocalExecutor:
@@ -208,7 +209,10 @@ class RayExecutor:
         if not new:
             return
         options: dict[str, Any] = dict(
-            num_cpus=self.resources.num_cpus,
+            # A token share of a CPU unless asked for more: it keeps idle workers from holding
+            # cores other work needs, and makes SPREAD see them, so they go one per node with
+            # CPUs (never onto a head node started with 0 CPUs for drivers).
+            num_cpus=self.resources.num_cpus or WORKER_CPU_TOKEN,
             num_gpus=self.resources.num_gpus,
             max_restarts=self.max_restarts,
             max_task_retries=self.max_restarts,
