@@ -550,10 +550,12 @@ def _add_common(p: argparse.ArgumentParser, store: bool = True) -> None:
     p.add_argument("--address", default=None,
                    help="Ray cluster address ('auto'); default: RAY_ADDRESS or a local instance")
     p.add_argument("--cpus-per-shard", type=float, default=0.0,
-                   help="CPUs each shard actor reserves (default 0: training is bounded instead)")
-    p.add_argument("--gpus-per-shard", type=float, default=0.0, help="GPUs per shard actor")
+                   help="CPUs each worker reserves (default 0: a token share; the pool has one "
+                        "worker per CPU)")
+    p.add_argument("--gpus-per-shard", type=float, default=0.0,
+                   help="GPUs per worker (the pool then has one worker per GPU share)")
     p.add_argument("--max-concurrent", type=int, default=None,
-                   help="shards training at once (default: cluster CPUs / threads)")
+                   help="workers, i.e. shards training at once (default: cluster CPUs / threads)")
 
 
 def build_parser() -> argparse.ArgumentParser:

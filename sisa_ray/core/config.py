@@ -216,11 +216,12 @@ class SISAConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ResourceConfig:
-    """What each shard actor reserves, and how many shards train at once.
+    """What each worker of the pool reserves, and how many shards train at once.
 
-    Shard actors are long-lived; one that reserved a whole CPU would hold it forever, so by default
-    they reserve nothing while idle (``num_cpus=0``) and the executor bounds the number of shards
-    *training* at once by the cluster's CPUs (or GPUs) instead.
+    Workers are long-lived; one that reserved a whole CPU would hold it while idle, so by default
+    (``num_cpus=0``) a worker reserves only a token share of a CPU, and the pool has one worker
+    per CPU (or GPU) of the cluster, each training one shard at a time. ``max_concurrent`` sets
+    the number of workers instead.
     """
 
     num_cpus: float = 0.0
