@@ -21,8 +21,9 @@ def test_actors_train_delete_and_match_local_bit_for_bit(ray_session, tiny, tiny
     try:
         ex = ens.executor
         assert isinstance(ex, RayExecutor)
-        # idle workers reserve only a token share of a CPU; training is bounded by the CPUs
-        assert ray_session.available_resources().get("CPU", 0) >= 2 - 2 * 0.001 - 1e-9
+        # idle workers (these and any other test's warm ones) reserve only a token share of a
+        # CPU each; training is bounded by the CPUs instead
+        assert ray_session.available_resources().get("CPU", 0) > 1.9
         assert ex.max_concurrent() == 2
         victims = train.ids[[0, 77, 150]].tolist()
         rep = ens.unlearn(victims)
