@@ -1,136 +1,35 @@
-"""The ``sisa-ray`` command line: train, delete, predict, status, verify.
-
-Every command takes ``--json`` for machine-readable output on stdout. Errors go to stderr as one
-line that names the problem and the fix, with exit status 2 (bad input) or 1 (verify mismatch).
-"""
+"""The store commands: train, delete, recover, release, abandon, predict, status, verify, serve."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import os
 import re
 import sys
 import time
-from collections.abc import Sequence
 
 import numpy as np
 
-from .core.config import MODELS, ResourceConfig, ShardingConfig, SISAConfig, TrainingConfig
-from .core.store import StoreError
-
-EXIT_BAD_INPUT = 2
-
-
-class CLIError(Exception):
-    """A user error the CLI reports in one line."""
-
-
-def _emit(args, payload: dict, text: str) -> None:
-    if args.json:
-        print(json.dumps(_strict(payload), indent=1, default=_json_default, allow_nan=False))
-    else:
-        print(text)
-
-
-def _strict(o):
-    """JSON has no NaN or infinity: an undefined number is null."""
-    if isinstance(o, dict):
-        return {k: _strict(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_strict(v) for v in o]
-    if isinstance(o, (float, np.floating)) and not np.isfinite(o):
-        return None
-    return o
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def _progress(args, label: str):
-    if args.json or args.quiet:
-        return None
-    start = time.perf_counter()
-
-    def show(p: dict) -> None:
-        el = time.perf_counter() - start
-        print(
-            f"  [{label}] shard {p['shard']:>3}  {p['done']:>3}/{p['total']}  "
-            f"from slice {p.get('start_step', 0)}  {p['sample_steps']:>9} sample-steps  "
-            f"{p['seconds']:6.2f}s  (elapsed {el:6.1f}s)",
-            file=sys.stderr, flush=True,
-        )
-
-    return show
-
-
-def _status_printer(args):
-    """Status lines to stderr, or nothing with --json/--quiet."""
-    if args.json or args.quiet:
-        return lambda m: None
-    return lambda m: print(m, file=sys.stderr, flush=True)
-
-
-def _ensemble_kwargs(args) -> dict:
-    return {
-        "backend": args.backend,
-        "address": args.address,
-        "resources": ResourceConfig(
-            num_cpus=args.cpus_per_shard, num_gpus=args.gpus_per_shard,
-            max_concurrent=args.max_concurrent,
-        ),
-    }
-
-
-def _open(args, recover: bool = True):
-    """Open the store. Readers pass ``recover=False``: they never take the writer lock."""
-    from .ensemble import SISAEnsemble
-
-    return SISAEnsemble.open(args.store, recover=recover, progress=_progress(args, "recover"),
-                             **_ensemble_kwargs(args))
-
-
-def _accuracy_table(ens, test) -> dict:
-    from .core.aggregation import aggregate, aggregate_regression
-
-    probs, active = ens.shard_proba(test.features)
-    if test.task == "regression":
-        def mae(pred):
-            return float(np.abs(pred - test.labels).mean())
-
-        return {
-            "mae_mean": mae(aggregate_regression(probs, active, "mean")),
-            "mae_median": mae(aggregate_regression(probs, active, "median")),
-            "shards": [None if not a else mae(p[:, 0]) for p, a in zip(probs, active)],
-        }
-    hard = aggregate(probs, active, "hard")[0]
-    soft = aggregate(probs, active, "soft")[0]
-    per_shard = [
-        None if not a else float((p.argmax(1) == test.labels).mean())
-        for p, a in zip(probs, active)
-    ]
-    return {
-        "ensemble_hard": float((hard == test.labels).mean()),
-        "ensemble_soft": float((soft == test.labels).mean()),
-        "shards": per_shard,
-    }
-
+from ..core.config import MODELS, ShardingConfig, SISAConfig, TrainingConfig
+from ..core.store import StoreError
+from .common import (
+    CLIError,
+    _accuracy_table,
+    _add_common,
+    _emit,
+    _ensemble_kwargs,
+    _open,
+    _progress,
+    _status_printer,
+)
 
 # -- commands ---------------------------------------------------------------------------------------
 
 
 def cmd_train(args) -> int:
-    from .datasets import load_dataset, read_parquet
-    from .ensemble import SISAEnsemble
-    from .ingest import ParquetSource
+    from ..datasets import load_dataset, read_parquet
+    from ..ensemble import SISAEnsemble
+    from ..ingest import ParquetSource
 
     if args.dataset.startswith("parquet:"):
         # sharded by parallel tasks: the driver never loads the training data
@@ -264,8 +163,8 @@ def cmd_recover(args) -> int:
 
 
 def cmd_release(args) -> int:
-    from .core.store import Store
-    from .executor import joins_cluster, release_workers
+    from ..core.store import Store
+    from ..executor import joins_cluster, release_workers
 
     if not joins_cluster(args.address):
         raise CLIError("release stops the warm workers of a running cluster: give --address auto "
@@ -287,7 +186,7 @@ def cmd_predict(args) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .core.aggregation import aggregate
+    from ..core.aggregation import aggregate
 
     try:
         table = pq.read_table(args.input)
@@ -305,7 +204,7 @@ def cmd_predict(args) -> int:
         raise CLIError(f"--input {args.input} has no rows; nothing to predict.")
     probs, active = ens.shard_proba(x)
     if ens.task_ == "regression":  # one output per shard: mean (or --vote median) of them
-        from .core.aggregation import aggregate_regression
+        from ..core.aggregation import aggregate_regression
 
         how = "median" if args.vote == "median" else "mean"
         pred = aggregate_regression(probs, active, how)
@@ -431,9 +330,9 @@ def cmd_serve(args) -> int:
 
     import ray
 
-    from . import serve as http
-    from .core.runtime import RuntimeMismatch
-    from .core.store import Store
+    from .. import serve as http
+    from ..core.runtime import RuntimeMismatch
+    from ..core.store import Store
 
     store = Store(args.store).uri
     say = _status_printer(args)
@@ -476,94 +375,7 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def cmd_compare(args) -> int:
-    from tune.compare import CompareConfig, run_comparison
-    from tune.report import to_markdown
-
-    cfg = CompareConfig(
-        dataset=args.dataset, data_dir=args.data_dir, download=args.download,
-        forget=args.forget, methods=tuple(args.methods.split(",")), target=args.target,
-        model=args.model, epochs=args.epochs, shards=args.shards, slices=args.slices,
-        num_samples=args.num_samples, search=args.search, seeds=args.seeds,
-        max_train=args.max_train, mlflow_uri=args.mlflow_uri, experiment=args.experiment,
-        address=args.address, out=args.out, seed=args.seed,
-    )
-    say = _status_printer(args)
-    result = run_comparison(cfg, say=say)
-    rows = [{k: v for k, v in r.items()} for r in result["rows"]]
-    _emit(args, {**result, "rows": rows}, to_markdown(rows))
-    return 0
-
-
-def cmd_bench(args) -> int:
-    from pathlib import Path
-
-    from .bench import run_bench, spec_from_args
-
-    spec = spec_from_args(args)
-    say = _status_printer(args)
-    out = Path(args.out or "bench-results").resolve()
-    summary = run_bench(spec, out, mlflow_uri=False if args.no_mlflow else args.mlflow_uri,
-                        say=say)
-    lines = [f"Results in {out} (bench.csv, bench.json, plots)",
-             "| S | R | workers | worker MB (PSS/USS, after predict) | train s | eff | acc hard "
-             "| acc soft | 1-id delete s | speedup wall | speedup steps | expected | paper |",
-             "|" + "---|" * 13]
-    for r in summary["rows"]:
-        lines.append(
-            f"| {r['shards']} | {r['slices']} | {r['workers']} | {r['workers_pss_mb']:.0f}/"
-            f"{r['workers_uss_mb']:.0f} ({r['workers_pss_mb_after_predict']:.0f}/"
-            f"{r['workers_uss_mb_after_predict']:.0f}) | {r['train_wall_s']:.1f} | "
-            f"{r['parallel_efficiency']:.2f} | {r['acc_hard']:.4f} | {r['acc_soft']:.4f} | "
-            f"{r.get('seq_delete_wall_s', float('nan')):.2f} | "
-            f"{r.get('seq_speedup_wall', float('nan')):.1f} | "
-            f"{r.get('seq_speedup_steps', float('nan')):.1f} | "
-            f"{r['expected_speedup_one']:.1f} | {r['paper_speedup']:.1f} |")
-    for r in summary["rows"]:
-        if "cli_delete_warm_s" in r:
-            lines.append(
-                f"end to end, one-id delete (S={r['shards']}): in-process {r['inproc_delete_s']:.2f}s"
-                f" | CLI warm (running cluster) {r['cli_delete_warm_s']:.2f}s | CLI first on the "
-                f"cluster {r['cli_delete_first_on_cluster_s']:.2f}s | CLI cold (own Ray) "
-                f"{r['cli_delete_cold_s']:.2f}s | CLI --backend local "
-                f"{r['cli_delete_local_backend_s']:.2f}s; status {r['cli_status_cold_s']:.2f}s "
-                f"(python -c 'import torch': {r['cli_import_torch_s']:.2f}s)")
-    tp = summary["throughput"]
-    lines.append(f"single model: accuracy {summary['single_model']['acc']:.4f}, "
-                 f"{summary['single_model']['wall_s']:.1f}s; shard actor throughput "
-                 f"{tp['ratio']:.2f}x a plain PyTorch loop")
-    _emit(args, summary, "\n".join(lines))
-    return 0
-
-
-# -- parser -----------------------------------------------------------------------------------------
-
-
-def _add_common(p: argparse.ArgumentParser, store: bool = True) -> None:
-    if store:
-        p.add_argument("--store", required=True,
-                       help="local path or pyarrow.fs URI (s3://, gs://, file://) of the store")
-    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.add_argument("--backend", choices=["ray", "local"], default="ray",
-                   help="ray: shard actors (default); local: in-process, no Ray")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address ('auto'); default: RAY_ADDRESS or a local instance")
-    p.add_argument("--cpus-per-shard", type=float, default=0.0,
-                   help="CPUs each worker reserves (default 0: a token share; the pool has one "
-                        "worker per CPU)")
-    p.add_argument("--gpus-per-shard", type=float, default=0.0,
-                   help="GPUs per worker (the pool then has one worker per GPU share)")
-    p.add_argument("--max-concurrent", type=int, default=None,
-                   help="workers, i.e. shards training at once (default: cluster CPUs / threads)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sisa-ray", description="Exact machine unlearning with SISA ensembles on Ray."
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_parsers(sub) -> None:
 
     p = sub.add_parser("train", help="train a SISA ensemble into a store")
     _add_common(p)
@@ -642,76 +454,3 @@ def build_parser() -> argparse.ArgumentParser:
                         "every interface)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("compare", help="approximate methods vs exact unlearning, on Ray Tune")
-    _add_common(p, store=False)
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--download", action="store_true")
-    p.add_argument("--forget", default="random:0.1",
-                   help="random:FRACTION | class:LABEL | subclass:LABEL:FRACTION | ids:FILE")
-    p.add_argument("--methods", default="all", help="'all' or a comma-separated list")
-    p.add_argument("--target", choices=["monolith", "sisa"], default="monolith")
-    p.add_argument("--model", default="mlp", choices=list(MODELS))
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--slices", type=int, default=2)
-    p.add_argument("--num-samples", type=int, default=4, help="Tune trials per method")
-    p.add_argument("--search", choices=["random", "grid", "optuna"], default="random")
-    p.add_argument("--seeds", type=int, default=3, help="seeds for the best config of each method")
-    p.add_argument("--max-train", type=int, default=None, help="subsample the training split")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mlflow-uri", default=None,
-                   help="tracking URI (default: sqlite:///$PWD/mlflow.db)")
-    p.add_argument("--experiment", default="sisa-ray-compare")
-    p.add_argument("--out", default=None, help="directory for the table and plots")
-    p.set_defaults(func=cmd_compare)
-
-    p = sub.add_parser("bench", help="speedup of exact unlearning over retraining, accuracy cost")
-    _add_common(p, store=False)
-    p.add_argument("--preset", choices=["fast", "full", "sweep"], default="fast",
-                   help="fast: S<=8; full: the paper's grid; sweep: S up to 256 (runtime, memory)")
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--model", choices=list(MODELS), default="cnn")
-    p.add_argument("--shards", default=None, help="comma-separated, e.g. 1,2,4,8,16")
-    p.add_argument("--slices", default=None, help="comma-separated, e.g. 1,2,4,8")
-    p.add_argument("--requests", type=int, default=None, help="deletion requests K")
-    p.add_argument("--mode", choices=["sequential", "batched", "both"], default="both")
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-train", type=int, default=None, help="subsample the training split")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="results directory (default ./bench-results)")
-    p.add_argument("--mlflow-uri", default=None)
-    p.add_argument("--no-mlflow", action="store_true")
-    p.add_argument("--no-cli", action="store_true",
-                   help="skip the end-to-end CLI latency runs (cold and warm)")
-    p.set_defaults(func=cmd_bench)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from .core.runtime import RuntimeMismatch
-    from .ensemble import NotFittedError
-
-    try:
-        return args.func(args)
-    except (CLIError, ValueError, TypeError, StoreError, FileNotFoundError, NotFittedError,
-            RuntimeMismatch, OverflowError, NotADirectoryError) as e:
-        if getattr(args, "json", False):
-            print(json.dumps({"error": str(e), "type": type(e).__name__}))
-        print(f"sisa-ray: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-
-
-if __name__ == "__main__":
-    sys.exit(main())
