@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from ..core.store import StoreError
-from . import experiments, store
+from . import bench, compare, store
 from .common import EXIT_BAD_INPUT, CLIError, _emit, _strict  # noqa: F401  (public to tests)
 
 
@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     store.add_parsers(sub)
-    experiments.add_parsers(sub)
+    compare.add_parsers(sub)
+    bench.add_parsers(sub)
     return parser
 
 
