@@ -3,6 +3,8 @@ accuracy (the measurements the exact path reports).
 
     .venv/bin/python benchmarks/exact_delete.py --dataset digits --model mlp
     .venv/bin/python benchmarks/exact_delete.py --dataset fashion-mnist --model cnn
+    python benchmarks/exact_delete.py --dataset fashion-mnist --model cnn --device cuda \
+        --gpus-per-shard 0.125        # on a GPU node: 8 workers share one GPU
 
 Wall times exclude Ray start-up and actor start-up (reported separately): they are paid once per
 cluster, not per request.
@@ -18,7 +20,7 @@ import time
 import numpy as np
 
 from sisa_ray.core.checkpoint import states_identical
-from sisa_ray.core.config import ShardingConfig, SISAConfig, TrainingConfig
+from sisa_ray.core.config import ResourceConfig, ShardingConfig, SISAConfig, TrainingConfig
 from sisa_ray.datasets import load_dataset
 from sisa_ray.ensemble import SISAEnsemble
 from sisa_ray.executor import ensure_ray
@@ -33,18 +35,27 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--requests", type=int, default=3, help="single-id deletions to average")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-dir", default=None, help="where the dataset's files are")
+    ap.add_argument("--max-train", type=int, default=None, help="use the first N training samples")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--cpus-per-shard", type=float, default=0.0)
+    ap.add_argument("--gpus-per-shard", type=float, default=0.0)
     ap.add_argument("--out", default=None, help="write the JSON result here")
     args = ap.parse_args()
 
-    train, test = load_dataset(args.dataset)
-    training = TrainingConfig(model=args.model, epochs=args.epochs, batch_size=64, lr=1e-3)
+    train, test = load_dataset(args.dataset, data_dir=args.data_dir)
+    if args.max_train:
+        train = train.take(np.arange(min(args.max_train, len(train))))
+    training = TrainingConfig(model=args.model, epochs=args.epochs, batch_size=64, lr=1e-3,
+                              device=args.device)
+    resources = ResourceConfig(num_cpus=args.cpus_per_shard, num_gpus=args.gpus_per_shard)
     config = SISAConfig(
         sharding=ShardingConfig(n_shards=args.shards, n_slices=args.slices, seed=args.seed),
         training=training,
     )
     ensure_ray()
     tmp = tempfile.mkdtemp(prefix="sisa-bench-")
-    ens = SISAEnsemble(config, store=f"{tmp}/ensemble")
+    ens = SISAEnsemble(config, store=f"{tmp}/ensemble", resources=resources)
     t0 = time.perf_counter()
     ens.fit(train, test)
     fit_wall = time.perf_counter() - t0
@@ -65,7 +76,7 @@ def main() -> None:
               f"sample-steps, shards/restart {deletes[-1]['restart']}", flush=True)
 
     # naive: retrain the whole ensemble on the remaining data (actors warm: started, then timed)
-    retrain = SISAEnsemble(config, store=f"{tmp}/retrain")
+    retrain = SISAEnsemble(config, store=f"{tmp}/retrain", resources=resources)
     t0 = time.perf_counter()
     retrain.fit(train.without_ids(np.array(deleted)), test)
     retrain_wall = time.perf_counter() - t0 - retrain.executor.startup_seconds
@@ -76,7 +87,7 @@ def main() -> None:
 
     single = SISAEnsemble(
         SISAConfig(sharding=ShardingConfig(n_shards=1, n_slices=1, seed=args.seed),
-                   training=training), store=f"{tmp}/single",
+                   training=training), store=f"{tmp}/single", resources=resources,
     )
     t0 = time.perf_counter()
     single.fit(train, test)
@@ -87,7 +98,8 @@ def main() -> None:
     s, r = args.shards, args.slices
     mean_delete = float(np.mean([d["wall_s"] for d in deletes]))
     result = {
-        "dataset": args.dataset, "model": args.model, "shards": s, "slices": r,
+        "dataset": args.dataset, "model": args.model, "device": args.device,
+        "gpus_per_shard": args.gpus_per_shard, "shards": s, "slices": r,
         "epochs": args.epochs, "n_train": len(train), "n_test": len(test),
         "actor_startup_s": startup, "fit_wall_s": fit_wall - startup,
         "delete_wall_s_mean": mean_delete,

@@ -10,6 +10,7 @@ dispatch to it (:func:`check_runtime`), e.g. on a node whose CPU lacks the instr
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from .config import TrainingConfig
@@ -45,6 +46,11 @@ def check_runtime(training: TrainingConfig, where: str = "this process") -> torc
     import torch
 
     check_capability(training.cpu_capability, where)
+    if training.device == "cuda":
+        # cuBLAS reads this when its first handle is made: set here it still covers an
+        # in-process (local backend) run that has not touched CUDA yet; Ray workers start with it.
+        for key, value in pinned_env(training).items():
+            os.environ.setdefault(key, value)
     if training.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeMismatch(
             f"This store trains on CUDA, but {where} has no usable GPU. Run its shards on GPU "
