@@ -1,14 +1,18 @@
 """The deletion protocol: validate, acknowledge, retrain, swap, complete, collect.
 
-1. **validate** (read-only): every id must be live in its shard, or deleted earlier; unknown ids
-   are an error and nothing changes. The files a retrain starts from are checked, and the workers
-   of the affected shards are started, so a node that cannot honour the pinned runtime refuses
-   here, before anything is recorded;
+1. **validate** (read-only): every id must be live in its shard or in the stored test split, or
+   deleted earlier; unknown ids are an error and nothing changes. The files a retrain starts
+   from are checked, and the workers of the affected shards are started, so a node that cannot
+   honour the pinned runtime refuses here, before anything is recorded;
 2. **acknowledge**: append the request to the ledger, durably;
-3. **retrain** every affected shard from its last clean slice into new versioned files;
-4. **swap** the manifest pointer (a compare-and-swap): the deletion is live;
+3. **retrain** every affected shard from its last clean slice into new versioned files, and write
+   the stored test split without the ids to a new versioned file (a test split trains nothing, so
+   it is filtered, never retrained);
+4. **swap** the manifest pointer (a compare-and-swap): the deletion is live, in the shards and the
+   test split at once;
 5. **complete**: append ``completed`` to the ledger (and checkpoint its state);
-6. **collect** the files of the old versions, which hold models that saw the deleted samples.
+6. **collect** the files of the old versions, which hold models that saw the deleted samples (and
+   the old test split, which holds the deleted rows).
 
 A crash anywhere leaves the old or the new manifest; :func:`recover` (run by every writer before
 it does anything else) finishes each acknowledged request that is not completed, in one batch,
@@ -22,14 +26,26 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import asdict, dataclass
+import uuid
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from .core.config import SISAConfig
 from .core.jobs import TrainJob
 from .core.ledger import Ledger, Request
-from .core.manifest import Manifest, ShardEntry, collect_garbage, read_manifest, write_manifest
+from .core.manifest import (
+    TEST_DIR,
+    FileRef,
+    Manifest,
+    ShardEntry,
+    collect_garbage,
+    read_manifest,
+    write_manifest,
+)
 from .core.plan import DeletionPlan, assign, epochs_per_step, sample_steps
 from .core.store import Store, StoreError, sha256
 
@@ -60,6 +76,8 @@ class UnlearnReport:
     wall_seconds: float
     duplicate_request: bool = False
     batch: list[str] | None = None  # the requests retrained together with this one
+    in_shards: list[int] = field(default_factory=list)  # found in the training data (retrained)
+    in_test_split: list[int] = field(default_factory=list)  # found in the stored test split
 
     @property
     def sample_step_speedup(self) -> float | None:
@@ -108,6 +126,44 @@ def validate_ids(ids) -> np.ndarray:
     return np.unique(np.asarray([int(v) for v in values], dtype=np.int64))
 
 
+LEGACY_TEST_DATA = "data/test.parquet"
+"""Where stores written before the manifest named the test split keep it (read, then replaced
+by a versioned file at their first deletion that reaches it)."""
+
+
+def test_split_path(store: Store, manifest: Manifest) -> str | None:
+    """The stored test split's path in ``store`` under ``manifest``; None when there is none."""
+    if manifest.test is not None:
+        return manifest.test.path
+    return LEGACY_TEST_DATA if store.exists(LEGACY_TEST_DATA) else None
+
+
+def read_test_split(store: Store, manifest: Manifest, columns: list[str] | None = None,
+                    check: bool = False) -> pa.Table | None:
+    """The stored test split as a table (None when there is none); ``check`` compares its SHA-256
+    with the manifest's before a deletion builds on it."""
+    rel = test_split_path(store, manifest)
+    if rel is None:
+        return None
+    raw = store.read_bytes(rel)
+    if check and manifest.test is not None and sha256(raw) != manifest.test.sha256:
+        raise StoreError(
+            f"'{store.location}/{rel}' (the stored test split) is corrupt: its SHA-256 does not "
+            "match the manifest. Nothing was deleted. Restore the file from backup."
+        )
+    return pq.read_table(pa.BufferReader(raw), columns=columns)
+
+
+def write_test_split_without(store: Store, manifest: Manifest, ids: np.ndarray,
+                             generation: int) -> FileRef:
+    """Write the stored test split less the rows of ``ids`` to a new versioned path (the live one
+    is untouched until the manifest swap), keeping the schema and its metadata."""
+    table = read_test_split(store, manifest, check=True)
+    keep = pc.invert(pc.is_in(table.column("id"), value_set=pa.array(ids, type=pa.int64())))
+    rel = f"{TEST_DIR}/g{generation:010d}-{uuid.uuid4().hex[:8]}.parquet"
+    return FileRef(rel, store.write_table(rel, table.filter(keep)))
+
+
 def default_request_id(ids: np.ndarray) -> str:
     return "req-" + hashlib.sha256(np.sort(ids).tobytes()).hexdigest()[:16]
 
@@ -135,6 +191,17 @@ class DeletionContext:
             live[sel] = np.isin(ids[sel], self.live_ids(manifest, s))
         return live
 
+    def in_test_split(self, manifest: Manifest, ids: np.ndarray) -> np.ndarray:
+        """Mask of ``ids`` that are rows of the stored test split."""
+        table = read_test_split(self.store, manifest, columns=["id"]) if ids.size else None
+        if table is None:
+            return np.zeros(ids.size, dtype=bool)
+        return np.isin(ids, table.column("id").to_numpy().astype(np.int64))
+
+    def held(self, manifest: Manifest, ids: np.ndarray) -> np.ndarray:
+        """Mask of ``ids`` this store holds anywhere: training shards or stored test split."""
+        return self.locate(manifest, ids) | self.in_test_split(manifest, ids)
+
 
 def unlearn(ctx: DeletionContext, ids: np.ndarray, request_id: str | None, lock,
             progress=None) -> UnlearnReport:
@@ -157,16 +224,20 @@ def unlearn(ctx: DeletionContext, ids: np.ndarray, request_id: str | None, lock,
         return report
     manifest = read_manifest(ctx.store)
     live = ctx.locate(manifest, ids)
-    absent = ids[~live]
+    in_test = ctx.in_test_split(manifest, ids)
+    absent = ids[~(live | in_test)]
     unknown = absent[~np.isin(absent, np.fromiter(state.deleted, np.int64, len(state.deleted)))]
     if unknown.size:
         raise ValueError(
             f"{unknown.size} id(s) were never trained on in this store: {unknown[:20].tolist()}"
-            f"{' ...' if unknown.size > 20 else ''}. Nothing was deleted. Check the ids "
-            "against your data's 'id' column and send the request again without them."
+            f"{' ...' if unknown.size > 20 else ''}, nor are they in its stored test split. "
+            "Nothing was deleted. Check the ids against your data's 'id' column and send the "
+            "request again without them."
         )
     plan = DeletionPlan.build(ids[live], ctx.config.sharding)
     check_restart_points(ctx.store, manifest, plan)
+    if in_test.any():
+        read_test_split(ctx.store, manifest, columns=[], check=True)
     ctx.prepare(plan.shards)
     ack = ctx.ledger.acknowledge(rid, ids.tolist(), lock)
     return apply(ctx, [Request(rid, ack, ids=ids.tolist())], lock, progress)[0]
@@ -201,13 +272,16 @@ def recover(ctx: DeletionContext, lock, progress=None) -> list[UnlearnReport]:
         rid = "reapply-" + default_request_id(back)[4:]
         ack = ctx.ledger.acknowledge(rid, back.tolist(), lock)
         reports += apply(ctx, [Request(rid, ack, ids=back.tolist())], lock, progress)
-    collect_garbage(ctx.store, read_manifest(ctx.store))
+    manifest = read_manifest(ctx.store)
+    if manifest.test is not None:  # a crash after the swap may have left the unversioned copy
+        ctx.store.delete(LEGACY_TEST_DATA)
+    collect_garbage(ctx.store, manifest)
     return reports
 
 
 def resurrected(ctx: DeletionContext, manifest: Manifest | None = None,
                 everything: bool = False) -> np.ndarray:
-    """Ids the ledger calls deleted that are live in the store.
+    """Ids the ledger calls deleted that are live in the store (its shards or its test split).
 
     A live manifest reflects every request acknowledged up to its ``applied_through``; only the
     ids of requests completed after that can have come back (a manifest and shards restored from
@@ -224,7 +298,7 @@ def resurrected(ctx: DeletionContext, manifest: Manifest | None = None,
                          dtype=np.int64)
     if ids.size == 0:
         return ids
-    return np.sort(ids[ctx.locate(manifest, ids)])
+    return np.sort(ids[ctx.held(manifest, ids)])
 
 
 def apply(ctx: DeletionContext, requests: list[Request], lock,
@@ -246,6 +320,7 @@ def apply(ctx: DeletionContext, requests: list[Request], lock,
     rids = [r.request_id for r in requests]
     all_ids = np.unique(np.concatenate([ids_of[r.request_id] for r in requests]))
     to_delete = all_ids[ctx.locate(manifest, all_ids)]
+    from_test = all_ids[ctx.in_test_split(manifest, all_ids)]
     plan = DeletionPlan.build(to_delete, ctx.config.sharding)
     check_restart_points(ctx.store, manifest, plan)
     shard_of, _ = assign(to_delete, ctx.config.sharding)
@@ -266,6 +341,8 @@ def apply(ctx: DeletionContext, requests: list[Request], lock,
     for r in results:
         entry = ShardEntry.from_dict(r["entry"])
         new.shards[entry.shard] = entry
+    if from_test.size:
+        new.test = write_test_split_without(ctx.store, manifest, from_test, new.generation)
     epochs = epochs_per_step(ctx.config.training, ctx.config.sharding.n_slices)
     shards = [
         ShardRetrain(shard=j.shard, restart_slice=j.start_step, deleted=len(j.remove_ids),
@@ -275,17 +352,21 @@ def apply(ctx: DeletionContext, requests: list[Request], lock,
     ]
     full = sum(sample_steps(np.asarray(e.slice_counts), epochs) for e in new.shards)
     write_manifest(ctx.store, new, lock)  # the deletion is live from here on
+    if from_test.size:
+        ctx.store.delete(LEGACY_TEST_DATA)  # a store from before versioned test splits
     wall = time.perf_counter() - t0
     reports = []
     for rid in rids:
         mine = ids_of[rid]
-        deleted = mine[np.isin(mine, to_delete)]
+        found = np.isin(mine, to_delete) | np.isin(mine, from_test)
         reports.append(UnlearnReport(
-            request_id=rid, ids=mine.tolist(), deleted=deleted.tolist(),
-            already_deleted=mine[~np.isin(mine, to_delete)].tolist(), shards=shards,
+            request_id=rid, ids=mine.tolist(), deleted=mine[found].tolist(),
+            already_deleted=mine[~found].tolist(), shards=shards,
             retrained_sample_steps=sum(s.sample_steps for s in shards),
             full_retrain_sample_steps=full, wall_seconds=wall,
             batch=rids if len(rids) > 1 else None,
+            in_shards=mine[np.isin(mine, to_delete)].tolist(),
+            in_test_split=mine[np.isin(mine, from_test)].tolist(),
         ))
         ctx.ledger.complete(rid, reports[-1].to_dict(), lock)
     collect_garbage(ctx.store, new)

@@ -67,7 +67,7 @@ class DeletionService:
                                      "new request id for a new request.")
                 return self.request(rid)
             ctx = DeletionContext(self.ens.store_, self.ens.config_, None, None)
-            live = ctx.locate(read_manifest(self.ens.store_), ids)
+            live = ctx.held(read_manifest(self.ens.store_), ids)
             pending = {i for r in state.pending() for i in (r.ids or [])}
             known = state.deleted | pending
             unknown = [i for i, ok in zip(ids.tolist(), live) if not ok and i not in known]

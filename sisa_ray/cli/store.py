@@ -134,6 +134,9 @@ def cmd_delete(args) -> int:
     if report.already_deleted:
         lines.append(f"  already deleted earlier: {report.already_deleted[:20]}")
     lines.append(f"  deleted now: {report.deleted[:20]}{' ...' if len(report.deleted) > 20 else ''}")
+    if report.in_test_split:
+        lines.append(f"  removed from the stored test split (no retraining): "
+                     f"{report.in_test_split[:20]}")
     for s in report.shards:
         lines.append(
             f"  shard {s.shard:>3}: retrained from slice {s.restart_slice}, "

@@ -22,6 +22,7 @@ FORMAT = 2
 STORE_META = "store.json"
 SHARDS_DIR = "shards"
 STAGING_DIR = "staging"  # data being sharded by a fit; nothing there outlives it
+TEST_DIR = "test"  # versions of the stored test split; a deletion writes a new one
 
 
 def shard_dir(shard: int, version: int) -> str:
@@ -82,14 +83,18 @@ class Manifest:
     applied_through: int = 0
     token: int = 0
     tag: str | None = field(default=None, compare=False)
+    test: FileRef | None = None  # the stored test split, when the fit was given one
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "format": FORMAT, "generation": self.generation, "config_hash": self.config_hash,
             "data_fingerprint": self.data_fingerprint,
             "shards": [s.to_dict() for s in self.shards],
             "applied_through": self.applied_through, "token": self.token,
         }
+        if self.test is not None:
+            d["test"] = self.test.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, tag: str | None = None) -> Manifest:
@@ -98,6 +103,7 @@ class Manifest:
             data_fingerprint=d["data_fingerprint"],
             shards=[ShardEntry.from_dict(s) for s in d["shards"]],
             applied_through=int(d["applied_through"]), token=int(d["token"]), tag=tag,
+            test=FileRef(**d["test"]) if d.get("test") else None,
         )
 
     def copy(self) -> Manifest:
@@ -106,6 +112,8 @@ class Manifest:
     def referenced(self) -> set[str]:
         refs = {s.data.path for s in self.shards}
         refs.update(c.path for s in self.shards for c in s.checkpoints)
+        if self.test is not None:
+            refs.add(self.test.path)
         return refs
 
 
@@ -186,7 +194,8 @@ def collect_garbage(store: Store, manifest: Manifest) -> list[str]:
     ptr, _ = _pointer(store)
     keep_body = None if ptr is None else ptr["body"]
     removed = []
-    for rel in store.list(SHARDS_DIR) + store.list(MANIFESTS_DIR) + store.list(STAGING_DIR):
+    for rel in (store.list(SHARDS_DIR) + store.list(MANIFESTS_DIR) + store.list(STAGING_DIR)
+                + store.list(TEST_DIR)):
         if rel not in live and rel != keep_body:
             store.delete(rel)
             removed.append(rel)
