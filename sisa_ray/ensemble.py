@@ -29,6 +29,7 @@ from .core.ledger import Ledger
 from .core.manifest import (
     STORE_FORMAT,
     STORE_META,
+    TEST_DIR,
     FileRef,
     Manifest,
     ShardEntry,
@@ -46,6 +47,7 @@ from .deletion import (
     DeletionContext,
     ShardRetrain,
     UnlearnReport,
+    read_test_split,
     resurrected,
     validate_ids,
 )
@@ -54,8 +56,6 @@ from .deletion import unlearn as unlearn_request
 from .ingest import STAGING_DIR, ParquetSource, assemble_shard, combine, partition_part
 
 log = logging.getLogger(__name__)
-
-TEST_DATA = "data/test.parquet"
 
 __all__ = ["NotFittedError", "SISAEnsemble", "ShardRetrain", "UnlearnReport", "VerifyReport",
            "validate_ids", "load_states"]
@@ -283,8 +283,10 @@ class SISAEnsemble:
                 if rel != ".lock" and not rel.startswith(f"{STAGING_DIR}/"):
                     store.delete(rel)
         store.write_json(STORE_META, meta)
-        if test is not None:
-            store.write_table(TEST_DATA, test.to_arrow())
+        test_ref = None
+        if test is not None:  # versioned like shard data: a deletion writes a new one
+            rel = f"{TEST_DIR}/g{1:010d}-{uuid.uuid4().hex[:8]}.parquet"
+            test_ref = FileRef(rel, store.write_table(rel, test.to_arrow()))
         refs = write_shards(store)
         jobs = [TrainJob(shard=s, version=1, data=ref.to_dict()) for s, ref in enumerate(refs)]
         # the largest shards first, so the last job to finish is a small one
@@ -302,6 +304,7 @@ class SISAEnsemble:
         manifest = Manifest(
             generation=1, config_hash=meta["config_hash"], data_fingerprint=fingerprint,
             shards=[ShardEntry.from_dict(r["entry"]) for r in results], token=lock.token,
+            test=test_ref,
         )
         write_manifest(store, manifest, lock)
         collect_garbage(store, manifest)
@@ -460,11 +463,10 @@ class SISAEnsemble:
         return float((pred == data.labels).mean())
 
     def test_data(self) -> SampleSet | None:
+        """The stored test split (given to ``fit``), less every id deleted since; None if none."""
         self._check_fitted()
-        raw = self.store_.read_optional(TEST_DATA)
-        if raw is None:
-            return None
-        return SampleSet.from_arrow(self.store_.read_table(TEST_DATA))
+        table = read_test_split(self.store_, self.manifest_)
+        return None if table is None else SampleSet.from_arrow(table)
 
     # -- deletion ----------------------------------------------------------------------------------
 
@@ -530,6 +532,7 @@ class SISAEnsemble:
             "dataset": self.meta_["dataset"],
             "generation": m.generation,
             "n_train_live": sum(e.n_samples for e in m.shards),
+            "n_test_live": self._n_test_live(),
             "deleted_ids": len(ledger.deleted_ids()),
             "pending_requests": self.pending_,
             "resurrected_ids": self.resurrected_,
@@ -541,6 +544,11 @@ class SISAEnsemble:
             ],
             "ledger": ledger.summary(),
         }
+
+    def _n_test_live(self) -> int | None:
+        """Rows of the stored test split; None when there is none."""
+        table = read_test_split(self.store_, self.manifest_, columns=[])
+        return None if table is None else table.num_rows
 
     def verify(self, work_store: str | None = None, progress=None) -> VerifyReport:
         """Check the store against the ledger, retrain from scratch on the retained data with the
