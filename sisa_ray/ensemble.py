@@ -40,7 +40,14 @@ from .core.manifest import (
     shard_dir,
     write_manifest,
 )
-from .core.plan import ShardPlan, assign, ids_digest
+from .core.plan import (
+    PLACEMENT_FILE,
+    ShardPlan,
+    assign,
+    ids_digest,
+    load_placement,
+    placement_table,
+)
 from .core.runtime import current_cpu_capability, pinned_env
 from .core.store import LockTimeout, Store, StoreError
 from .deletion import (
@@ -54,6 +61,7 @@ from .deletion import (
 from .deletion import recover as recover_requests
 from .deletion import unlearn as unlearn_request
 from .ingest import STAGING_DIR, ParquetSource, assemble_shard, combine, partition_part
+from .transfer import BACKBONE_FILE, TransferSetup, read_public_ids, refuse_public
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +111,7 @@ class SISAEnsemble:
         address: str | None = None,
         vote: str = "hard",
         executor=None,
+        backbone: str | bytes | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -111,6 +120,7 @@ class SISAEnsemble:
         self.address = address
         self.vote = vote
         self.executor = executor
+        self.backbone = backbone
 
     # -- plumbing ----------------------------------------------------------------------------------
 
@@ -167,6 +177,10 @@ class SISAEnsemble:
         config = self.config or SISAConfig()
         if not isinstance(config, SISAConfig):
             raise TypeError(f"config must be a SISAConfig. Got {type(config).__name__}.")
+        config, self._transfer = TransferSetup.bind(config, self.backbone)
+        if config.sharding.placement != "hash" and isinstance(data, ParquetSource):
+            raise ValueError("A deletion-aware placement needs the training data in memory: "
+                             "load it with sisa_ray.datasets.read_parquet and fit that.")
         store = Store(self.store or tempfile.mkdtemp(prefix="sisa-ray-"))
         store.check_usable()
         if store.read_optional(STORE_META) is None and not store.is_empty():
@@ -283,11 +297,18 @@ class SISAEnsemble:
                 if rel != ".lock" and not rel.startswith(f"{STAGING_DIR}/"):
                     store.delete(rel)
         store.write_json(STORE_META, meta)
+        if config.sharding.placement != "hash":
+            store.write_table(PLACEMENT_FILE, placement_table(config.sharding))
+        transfer = getattr(self, "_transfer", None)
+        if transfer is not None:
+            transfer.write(store)
         test_ref = None
         if test is not None:  # versioned like shard data: a deletion writes a new one
             rel = f"{TEST_DIR}/g{1:010d}-{uuid.uuid4().hex[:8]}.parquet"
             test_ref = FileRef(rel, store.write_table(rel, test.to_arrow()))
         refs = write_shards(store)
+        if transfer is not None:
+            transfer.refuse_sharded_public(store, refs)
         jobs = [TrainJob(shard=s, version=1, data=ref.to_dict()) for s, ref in enumerate(refs)]
         # the largest shards first, so the last job to finish is a small one
         sizes = {s: store.size(r.path) for s, r in enumerate(refs)}
@@ -351,6 +372,8 @@ class SISAEnsemble:
             )
         self.store_, self.meta_ = store, meta
         self.config_ = SISAConfig.from_dict(meta["config"])
+        if self.config_.sharding.placement != "hash":
+            load_placement(store.read_table(PLACEMENT_FILE), self.config_.sharding)
         if manifest.config_hash != meta["config_hash"]:
             raise StoreError(
                 f"{store.location}: manifest config {manifest.config_hash} does not match "
@@ -478,6 +501,8 @@ class SISAEnsemble:
         """
         self._check_fitted()
         ids = validate_ids(ids)
+        if self.config_.training.backbone is not None:
+            refuse_public(read_public_ids(self.store_), ids, "the deletion request")
         if request_id is not None and (not isinstance(request_id, str) or not request_id):
             raise ValueError(f"request_id must be a non-empty string. Got {request_id!r}.")
         with self.store_.writer_lock() as lock:
@@ -578,7 +603,8 @@ class SISAEnsemble:
             work_store = f"{tmp.name}/{uuid.uuid4().hex[:8]}"
         try:
             fresh = SISAEnsemble(
-                self.config_, store=work_store, backend=self.backend,
+                self.config_, store=work_store, backbone=self.store_.read_bytes(BACKBONE_FILE)
+                if self.config_.training.backbone else None, backend=self.backend,
                 resources=self.resources, address=self.address,
             ).fit(retained, progress=progress)
             mine = load_states(self.store_, self.manifest_, all_steps=True)

@@ -26,7 +26,7 @@ from .core.config import SISAConfig
 from .core.data import SampleSet
 from .core.jobs import TrainJob, TrainResult
 from .core.manifest import FileRef, ShardEntry, read_store_meta, shard_dir
-from .core.plan import assign
+from .core.plan import PLACEMENT_FILE, assign, load_placement
 from .core.runtime import check_runtime
 from .core.store import Store, StoreError
 from .core.training import (
@@ -37,6 +37,7 @@ from .core.training import (
     train_steps,
 )
 from .models import build_model
+from .transfer import BACKBONE_FILE, cached_embedding, embed, load_backbone, with_embedding
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,12 @@ class ShardWorker:
         # the pinned runtime: refuse here, before anything is trained, on a node that differs
         self.device = check_runtime(self.config.training, where="This worker")
         self.input_shape = self.config.training.input_shape
+        if self.config.sharding.placement != "hash":
+            load_placement(self.store.read_table(PLACEMENT_FILE), self.config.sharding)
+        self.backbone = None
+        self.head_shape = self.input_shape
+        if self.config.training.backbone is not None:
+            self._load_backbone()
         self.n_classes = self.config.training.n_classes
         self.task = meta["dataset"]["task"]
         self.cache_bytes = int(cache_mb * 2**20)
@@ -93,6 +100,33 @@ class ShardWorker:
                 on_stop()
                 return
 
+    def _load_backbone(self) -> None:
+        """The frozen backbone the config names by SHA-256; any other file is refused."""
+        from .transfer import feature_width
+
+        blob = self.store.read_bytes(BACKBONE_FILE)
+        bb = load_backbone(blob, f"{self.store.location}/{BACKBONE_FILE}")
+        if bb.sha256 != self.config.training.backbone:
+            raise StoreError(
+                f"{self.store.location}/{BACKBONE_FILE} has SHA-256 {bb.sha256}, but the config "
+                f"records {self.config.training.backbone}: the backbone was replaced. Restore it "
+                "from backup or retrain on a new --store."
+            )
+        if tuple(bb.input_shape) != tuple(self.input_shape):
+            raise StoreError(
+                f"The backbone takes samples of shape {bb.input_shape}; this store's data has "
+                f"{self.input_shape}. Pretrain a backbone on data of the same shape."
+            )
+        self.backbone = bb.module(self.device)
+        self.head_shape = (feature_width(self.backbone, tuple(self.input_shape)),)
+
+    def _features(self, features: np.ndarray) -> np.ndarray:
+        """What the models see: the raw features, or the frozen backbone's features of them."""
+        if self.backbone is None:
+            return features
+        with deterministic_torch(self.config.training.threads):
+            return embed(self.backbone, features, self.device)
+
     def ping(self) -> str:
         return self.config_hash
 
@@ -103,6 +137,8 @@ class ShardWorker:
         shard left with no samples (it abstains)."""
         self._last_call = time.monotonic()
         out = []
+        if any(d["n_samples"] for d in entries):
+            features = self._features(features)
         for d in entries:
             entry = ShardEntry.from_dict(d)
             if entry.n_samples == 0:
@@ -142,7 +178,7 @@ class ShardWorker:
     def _new_model(self, shard: int) -> torch.nn.Module:
         t = self.config.training
         return build_model(
-            t.model, self.input_shape, self.n_classes, hidden=t.hidden,
+            t.model, self.head_shape, self.n_classes, hidden=t.hidden,
             seed=init_seed(self.config.sharding, shard),
         )
 
@@ -153,14 +189,14 @@ class ShardWorker:
             expected_config_hash=self.config_hash,
         )
 
-    def _read_samples(self, ref: FileRef) -> SampleSet:
+    def _read_table(self, ref: FileRef) -> pa.Table:
         raw = self.store.read_bytes(ref.path)
         if sha256(raw) != ref.sha256:
             raise StoreError(
                 f"Shard data '{self.store.location}/{ref.path}' is corrupt: its SHA-256 does not "
                 "match the manifest. Restore it from backup or retrain on a new --store."
             )
-        return SampleSet.from_arrow(pq.read_table(pa.BufferReader(raw)))
+        return pq.read_table(pa.BufferReader(raw))
 
     def train(self, job: TrainJob | dict) -> dict:
         """Run a :class:`TrainJob`; return a :class:`TrainResult` as a dict.
@@ -174,13 +210,25 @@ class ShardWorker:
         shard = job.shard
         t0 = time.perf_counter()
         sharding, training = self.config.sharding, self.config.training
-        samples = self._read_samples(FileRef(**job.data))
+        table = self._read_table(FileRef(**job.data))
         out_dir = shard_dir(shard, job.version)
         data_ref = FileRef(**job.data)
         if job.remove_ids:
-            samples = samples.without_ids(np.asarray(job.remove_ids, dtype=np.int64))
+            # rows are dropped from the table itself, so cached features go with their sample
+            keep = ~np.isin(table.column("id").to_numpy(),
+                            np.asarray(job.remove_ids, dtype=np.int64))
+            table = table.filter(pa.array(keep))
             path = f"{out_dir}/data.parquet"
-            data_ref = FileRef(path, self.store.write_table(path, samples.to_arrow()))
+            data_ref = FileRef(path, self.store.write_table(path, table))
+        samples = SampleSet.from_arrow(table)
+        features = samples.features
+        if self.backbone is not None:
+            features = cached_embedding(table, self.config.training.backbone)
+            if features is None:
+                features = self._features(samples.features)
+                path = f"{out_dir}/data-features.parquet"
+                data_ref = FileRef(path, self.store.write_table(
+                    path, with_embedding(table, features, self.config.training.backbone)))
         shard_of, slice_of = assign(samples.ids, sharding)
         if (shard_of != shard).any():
             raise StoreError(
@@ -211,7 +259,7 @@ class ShardWorker:
         t_train = time.perf_counter()
         with deterministic_torch(training.threads):
             for res in train_steps(
-                model, optimizer, samples.features, samples.labels, samples.ids, slice_of,
+                model, optimizer, features, samples.labels, samples.ids, slice_of,
                 sharding=sharding, training=training, shard=shard,
                 start_step=job.start_step, device=self.device, task=self.task,
             ):

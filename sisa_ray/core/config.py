@@ -18,6 +18,7 @@ T = TypeVar("T")
 MODELS = ("mlp", "cnn", "resnet18")
 OPTIMIZERS = ("adam", "sgd")
 EPOCH_SCHEDULES = ("sisa", "per_slice")
+PLACEMENTS = ("hash", "prior", "group")
 DEVICES = ("cpu", "cuda")
 # the values of ATEN_CPU_CAPABILITY, i.e. the CPU kernels PyTorch dispatches to
 CPU_CAPABILITIES = ("default", "avx2", "avx512", "zvector", "vsx", "sve128", "sve256")
@@ -77,16 +78,42 @@ class ShardingConfig:
 
     A sample's shard and slice are a keyed hash of ``(id, seed, n_shards, n_slices)``; they never
     depend on row order or on which other samples exist (the exactness invariant, rule 1).
+
+    With ``placement="prior"`` or ``"group"`` (deletion-aware sharding, Bourtoule et al. 2021,
+    Section VI) a sample's shard is a pure function of its id and of a per-sample column
+    instead: samples whose ``deletion_prior`` is at least ``hot_prior`` go to the first
+    ``hot_shards`` shards, the rest to the others; or every sample of a ``group`` goes to the
+    shard its group key hashes to. The placement is recorded in the store as a table, and
+    ``placement_digest`` (filled in by ``fit``) names it, so a retrain uses the same placement.
     """
 
     n_shards: int = 8
     n_slices: int = 4
     seed: int = 0
+    placement: str = "hash"
+    hot_shards: int = 1
+    hot_prior: float = 0.5
+    placement_digest: str | None = None
 
     def __post_init__(self) -> None:
         check_int("ShardingConfig", "n_shards", self.n_shards, 1)
         check_int("ShardingConfig", "n_slices", self.n_slices, 1)
         check_int("ShardingConfig", "seed", self.seed, 0)
+        check_choice("ShardingConfig", "placement", self.placement, PLACEMENTS)
+        check_int("ShardingConfig", "hot_shards", self.hot_shards, 1)
+        check_number("ShardingConfig", "hot_prior", self.hot_prior, 0.0, maximum=1.0)
+        if self.placement == "prior" and self.hot_shards >= self.n_shards:
+            raise ValueError(
+                "The 'hot_shards' parameter of ShardingConfig must be < n_shards "
+                f"({self.n_shards}) with placement='prior', so that some shards hold only "
+                f"samples unlikely to be deleted. Got {self.hot_shards} instead."
+            )
+        if self.placement_digest is not None and self.placement == "hash":
+            raise ValueError(
+                "The 'placement_digest' parameter of ShardingConfig names a recorded placement; "
+                "it must be None with placement='hash'. Got "
+                f"{self.placement_digest!r} instead."
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ShardingConfig:
@@ -116,6 +143,7 @@ class TrainingConfig:
     input_shape: tuple[int, ...] | None = None
     device: str = "cpu"
     cpu_capability: str | None = None
+    backbone: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("TrainingConfig", "model", self.model, MODELS)
@@ -143,6 +171,20 @@ class TrainingConfig:
         if self.cpu_capability is not None:
             check_choice("TrainingConfig", "cpu_capability", self.cpu_capability,
                          CPU_CAPABILITIES)
+        if self.backbone is not None:
+            if not isinstance(self.backbone, str) or len(self.backbone) != 64 or any(
+                    c not in "0123456789abcdef" for c in self.backbone):
+                raise ValueError(
+                    "The 'backbone' parameter of TrainingConfig must be the SHA-256 (64 lower-case "
+                    f"hex digits) of a frozen backbone file. Got {self.backbone!r} instead. Pass "
+                    "the file itself to SISAEnsemble(backbone=...) or --backbone."
+                )
+            if self.model != "mlp":
+                raise ValueError(
+                    "The 'model' parameter of TrainingConfig is the head trained on the frozen "
+                    f"backbone's features and must be 'mlp' with a backbone. Got {self.model!r} "
+                    "instead; the backbone's own architecture is recorded in its file."
+                )
 
     @property
     def resolved(self) -> bool:
@@ -209,9 +251,22 @@ class SISAConfig:
         ))
 
     def config_hash(self) -> str:
-        """A short, stable digest of the config (canonical JSON, sorted keys)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """A short, stable digest of the config (canonical JSON, sorted keys). Options added
+        later are left out while they hold their defaults, so existing stores keep their hash."""
+        d = self.to_dict()
+        for part, defaults in _LATER_OPTIONS.items():
+            for key, default in defaults.items():
+                if d[part][key] == default:
+                    del d[part][key]
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# options added after stores were first written, with their defaults (see config_hash)
+_LATER_OPTIONS: dict[str, dict[str, Any]] = {
+    "sharding": {"placement": "hash", "hot_shards": 1, "hot_prior": 0.5, "placement_digest": None},
+    "training": {"backbone": None},
+}
 
 
 @dataclass(frozen=True, kw_only=True)

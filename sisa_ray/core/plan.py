@@ -12,15 +12,21 @@ stable across platforms and well spread, not cryptographic.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from .config import ShardingConfig, TrainingConfig
 
 _ASSIGN_TAG = 0x5151
 _ORDER_TAG = 0x0DE5
+_GROUP_TAG = 0x6A0B
+
+# recorded placements by digest: content-addressed, so an entry never changes once added
+_PLACEMENTS: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -56,12 +62,121 @@ def keyed_hash(ids: np.ndarray, *key_parts: int) -> np.ndarray:
 
 
 def assign(ids: np.ndarray, sharding: ShardingConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Return ``(shard, slice)`` arrays (int64) for the given sample ids."""
+    """Return ``(shard, slice)`` arrays (int64) for the given sample ids.
+
+    With a deletion-aware placement the shard of an id comes from the recorded placement table
+    (see :func:`placement_shards`); an id the table does not hold (one that was never trained
+    on) gets its hashed shard, where it is then found missing.
+    """
     h = keyed_hash(ids, _ASSIGN_TAG, sharding.seed, sharding.n_shards, sharding.n_slices)
     n_shards = np.uint64(sharding.n_shards)
     shard = (h % n_shards).astype(np.int64)
     slice_ = ((h // n_shards) % np.uint64(sharding.n_slices)).astype(np.int64)
+    if sharding.placement != "hash":
+        table_ids, table_shard = recorded_placement(sharding)
+        ids = np.asarray(ids, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(table_ids, ids), max(table_ids.size - 1, 0))
+        known = table_ids[pos] == ids if table_ids.size else np.zeros(ids.size, dtype=bool)
+        shard = np.where(known, table_shard[pos] if table_ids.size else shard, shard)
     return shard, slice_
+
+
+def placement_shards(ids: np.ndarray, column: np.ndarray, sharding: ShardingConfig) -> np.ndarray:
+    """Deletion-aware shard of each sample, a pure function of its id and its column value.
+
+    Bourtoule et al. (2021), Section VI: when some samples are more likely to be deleted than
+    others, putting them in few shards means fewer shards retrain per request. With
+    ``placement="prior"``, ``column`` is each sample's deletion probability: samples with
+    ``prior >= hot_prior`` hash into shards ``0..hot_shards-1``, the others into
+    ``hot_shards..n_shards-1``. With ``placement="group"``, ``column`` is an int64 group key
+    (e.g. a user) and a group's samples all go to the shard its key hashes to, so deleting a
+    group retrains one shard. Slices stay the keyed hash of the id.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    s = sharding.n_shards
+    if sharding.placement == "group":
+        h = keyed_hash(np.asarray(column, dtype=np.int64), _GROUP_TAG, sharding.seed, s)
+        return (h % np.uint64(s)).astype(np.int64)
+    if sharding.placement != "prior":
+        raise ValueError(
+            "The 'placement' parameter of ShardingConfig must be 'prior' or 'group' for a "
+            f"deletion-aware placement. Got {sharding.placement!r} instead."
+        )
+    h = keyed_hash(ids, _ASSIGN_TAG, sharding.seed, s, sharding.n_slices)
+    hot_n, cold_n = np.uint64(sharding.hot_shards), np.uint64(s - sharding.hot_shards)
+    hot = np.asarray(column, dtype=np.float64) >= sharding.hot_prior
+    return np.where(hot, h % hot_n, sharding.hot_shards + h % cold_n).astype(np.int64)
+
+
+def with_placement(sharding: ShardingConfig, ids: np.ndarray, column: np.ndarray) -> ShardingConfig:
+    """``sharding`` with its deletion-aware placement computed from each sample's column value
+    (see :func:`placement_shards`), recorded and named by ``placement_digest``."""
+    ids = np.asarray(ids, dtype=np.int64)
+    column = np.asarray(column)
+    if column.shape != ids.shape:
+        raise ValueError(
+            f"The placement column has shape {column.shape}; expected one value per id "
+            f"({ids.size},). Give a 'deletion_prior' or 'group' value for every sample."
+        )
+    if sharding.placement == "prior" and column.size and not (
+            np.issubdtype(column.dtype, np.number) and np.isfinite(column).all()
+            and column.min() >= 0.0 and column.max() <= 1.0):
+        raise ValueError(
+            "The 'deletion_prior' column must hold probabilities in [0, 1]. Got values outside "
+            "that range (or NaN). Fix the column or drop it to shard by hash."
+        )
+    if sharding.placement == "group" and column.size and not np.issubdtype(column.dtype,
+                                                                           np.integer):
+        raise TypeError(
+            f"The 'group' column must hold integer group keys. Got dtype {column.dtype}. Map "
+            "group names to integers first."
+        )
+    digest = register_placement(ids, placement_shards(ids, column, sharding))
+    return dataclasses.replace(sharding, placement_digest=digest)
+
+
+def register_placement(ids: np.ndarray, shard: np.ndarray) -> str:
+    """Record a placement table (id -> shard) in this process; return its digest, the value of
+    ``ShardingConfig.placement_digest`` that selects it."""
+    ids = np.asarray(ids, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    ids, shard = ids[order], np.asarray(shard, dtype=np.int64)[order]
+    digest = hashlib.sha256(ids.tobytes() + shard.tobytes()).hexdigest()[:16]
+    _PLACEMENTS.setdefault(digest, (ids, shard))
+    return digest
+
+
+PLACEMENT_FILE = "placement.parquet"
+
+
+def placement_table(sharding: ShardingConfig) -> pa.Table:
+    """The recorded placement as a table (``id``, ``shard``), to keep in the store."""
+    ids, shard = recorded_placement(sharding)
+    return pa.table({"id": pa.array(ids, pa.int64()), "shard": pa.array(shard, pa.int64())})
+
+
+def load_placement(table: pa.Table, sharding: ShardingConfig) -> None:
+    """Register a placement table read from a store, refusing one that is not the recorded one."""
+    digest = register_placement(table.column("id").to_numpy(), table.column("shard").to_numpy())
+    if digest != sharding.placement_digest:
+        raise ValueError(
+            f"The placement table has digest {digest}, but the config records "
+            f"{sharding.placement_digest}: the store's {PLACEMENT_FILE} was altered. Restore it "
+            "from backup or retrain on a new --store."
+        )
+
+
+def recorded_placement(sharding: ShardingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The placement table ``(sorted ids, shard)`` that ``sharding.placement_digest`` names."""
+    table = _PLACEMENTS.get(sharding.placement_digest or "")
+    if table is None:
+        raise ValueError(
+            f"ShardingConfig(placement={sharding.placement!r}) needs its recorded placement "
+            f"table (placement_digest={sharding.placement_digest!r}), which is not loaded. "
+            "Fit on data with a 'deletion_prior' or 'group' column, or open the store that "
+            "records it (SISAEnsemble.open)."
+        )
+    return table
 
 
 def training_order(ids: np.ndarray, seed: int, shard: int, step: int, epoch: int) -> np.ndarray:
