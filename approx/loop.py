@@ -7,7 +7,9 @@ seeded from the method's seed, so runs are reproducible.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +23,23 @@ from sisa_ray.core.data import SampleSet
 RETAIN, FORGET = 0, 1
 
 BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# An observer of the loop's epochs (a Tune trial reports per epoch, so a scheduler can stop it
+# early); one per context, so loops in other threads never see it.
+_EPOCH_END: ContextVar[Callable[[nn.Module, int], None] | None] = ContextVar("epoch_end",
+                                                                            default=None)
+
+
+@contextmanager
+def on_epoch_end(hook: Callable[[nn.Module, int], None] | None) -> Iterator[None]:
+    """Call ``hook(model, epoch)`` after every epoch of :func:`train` run inside the block, the
+    model in eval mode (training mode is restored after the hook). The hook must not touch the
+    weights: the loop's results are the same with and without it."""
+    token = _EPOCH_END.set(hook)
+    try:
+        yield
+    finally:
+        _EPOCH_END.reset(token)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,7 +110,7 @@ def train(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cfg.schedule == "cosine" \
         else None
     model.train()
-    for _ in range(cfg.epochs):
+    for epoch in range(cfg.epochs):
         perm = torch.randperm(n, generator=gen).to(device)
         for start in range(0, n, cfg.batch_size):
             idx = perm[start:start + cfg.batch_size]
@@ -103,6 +122,10 @@ def train(
             opt.step()
             if sched is not None:
                 sched.step()
+        if (hook := _EPOCH_END.get()) is not None:
+            model.eval()
+            hook(model, epoch + 1)
+            model.train()
     return model
 
 
