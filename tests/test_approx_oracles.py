@@ -86,13 +86,13 @@ def test_fisher_masking_zeroes_exactly_the_fraction(ratio):
           "c": torch.rand(4, 2, 3, 3, generator=gen)}
     fr = {k: torch.rand(v.shape, generator=gen) for k, v in ff.items()}
     masks = fisher_mask(ff, fr, ratio)
-    total = sum(v.numel() for v in ff.values())
-    assert sum(int(m.sum()) for m in masks.values()) == round(ratio * total)
-    if 0 < ratio < 1:  # the masked ones have the highest scores (conv kernels by spatial mean)
-        scores = torch.cat([
-            (ff[k] - fr[k]).mean(dim=(2, 3), keepdim=True).expand_as(ff[k]).reshape(-1)
-            if ff[k].ndim > 2 else (ff[k] - fr[k]).reshape(-1) for k in ff])
-        flat = torch.cat([masks[k].reshape(-1) for k in ff])
+    # the reference's units: Linear entries and whole conv kernels; biases never; int(ratio * N)
+    scores = torch.cat([(ff["a"] - fr["a"]).reshape(-1),
+                        (ff["c"] - fr["c"]).mean(dim=(2, 3)).reshape(-1)])
+    flat = torch.cat([masks["a"].reshape(-1), masks["c"][:, :, 0, 0].reshape(-1)])
+    assert int(flat.sum()) == int(ratio * len(scores)) and not masks["b"].any()
+    assert torch.equal(masks["c"], masks["c"][:, :, :1, :1].expand_as(masks["c"]))
+    if 0 < ratio < 1:  # the masked units have the highest scores (conv kernels by spatial mean)
         assert scores[flat].min() >= scores[~flat].max()
 
 
@@ -182,3 +182,253 @@ def test_pbu_loss_terms_by_hand():
     assert terms["fisher"].item() == pytest.approx(fisher_term)
     assert terms["l2"].item() == pytest.approx(l2)
     assert total.item() == pytest.approx(log_p + 0.5 * fisher_term + 0.1 * l2)
+
+
+# --- Method oracles: one step (or one edit) of each method against its rule, by hand -----------
+#
+# Each test builds a linear softmax model on a few points, where the gradients of the losses are
+# closed-form: for logits z = X W^T + b and a loss whose gradient in z is G (rows per sample),
+# dW = G^T X and db = sum of G's rows. Where a test could pass by accident, it also checks that a
+# plausible wrong rule gives a different answer, so the oracle can tell them apart.
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _linear(n_in, n_out, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Linear(n_in, n_out)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(n_out, n_in, generator=gen))
+        model.bias.copy_(0.1 * torch.randn(n_out, generator=gen))
+    return model
+
+
+def _params(model):
+    return model.weight.detach().double().numpy().copy(), model.bias.detach().double().numpy().copy()
+
+
+def _samples(x, y, n_classes, start=0):
+    x = np.asarray(x, dtype=np.float32)
+    return SampleSet(ids=np.arange(start, start + len(x)), features=x, labels=np.asarray(y),
+                     n_classes=n_classes)
+
+
+def _points(n, n_in, n_classes, seed):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, n_in)).astype(np.float32), rng.integers(0, n_classes, size=n)
+
+
+def _ce_grad_logits(w, b, x, y, n_classes):
+    """d/dz of the mean cross-entropy over the rows of x: (softmax(z) - onehot(y)) / n."""
+    p = _softmax(x.astype(np.float64) @ w.T + b)
+    return (p - np.eye(n_classes)[y]) / len(x)
+
+
+def _step(w, b, x, g_logits, lr):
+    """One SGD step (no momentum, no weight decay) from the gradient in the logits."""
+    x = x.astype(np.float64)
+    return w - lr * g_logits.T @ x, b - lr * g_logits.sum(0)
+
+
+def _assert_model(model, w, b, atol=1e-6):
+    np.testing.assert_allclose(model.weight.detach().double().numpy(), w, rtol=1e-5, atol=atol)
+    np.testing.assert_allclose(model.bias.detach().double().numpy(), b, rtol=1e-5, atol=atol)
+
+
+SGD_ONE_BATCH = {"epochs": 1, "optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0,
+                 "batch_size": 256}
+
+
+def _config(name, **kw):
+    from approx import get_method
+
+    return get_method(name).config_cls(**kw)
+
+
+# SSD (Foster et al.; reference ParameterPerturber.calc_importance / modify_weight)
+
+
+def _ssd_importance(w, b, x, y, n_classes, batch):
+    """Mean over mini-batches (in order) of the squared gradient of the batch's mean CE."""
+    iw, ib, n_batches = np.zeros_like(w), np.zeros_like(b), 0
+    for s in range(0, len(x), batch):
+        g = _ce_grad_logits(w, b, x[s:s + batch], y[s:s + batch], n_classes)
+        iw += (g.T @ x[s:s + batch].astype(np.float64)) ** 2
+        ib += g.sum(0) ** 2
+        n_batches += 1
+    return iw / n_batches, ib / n_batches
+
+
+def _ssd_by_hand(w, b, full, forget, n_classes, batch, alpha, lam, *, mean=True):
+    out = []
+    for p, i_d, i_f in zip((w, b), _ssd_importance(w, b, *full, n_classes, batch),
+                           _ssd_importance(w, b, *forget, n_classes, batch)):
+        if not mean:  # the wrong rule: sums over batches instead of means
+            i_d = i_d * -(-len(full[0]) // batch)
+            i_f = i_f * -(-len(forget[0]) // batch)
+        beta = np.minimum(lam * i_d / i_f, 1.0)
+        out.append(np.where(i_f > alpha * i_d, p * beta, p))
+    return out
+
+
+def _ssd_problem(n_retain, n_forget, request, seed=0):
+    n_in, c = 4, 3
+    xr, yr = _points(n_retain, n_in, c, seed)
+    xf, yf = _points(n_forget, n_in, c, seed + 1)
+    if request.kind == "class":
+        yf = np.full(n_forget, request.label)
+        yr = np.where(yr == request.label, (yr + 1) % c, yr)
+    else:
+        yf = (yf + 1) % c  # forget samples with unusual labels: their gradients stand out
+    from approx import UnlearningData
+
+    data = UnlearningData(forget=_samples(xf, yf, c, 1000), retain=_samples(xr, yr, c),
+                          request=request)
+    full = (np.concatenate([xr, xf]), np.concatenate([yr, yf]))  # retain, then forget
+    return _linear(n_in, c, seed), data, full, (xf, yf), (xr, yr), c
+
+
+def test_ssd_importance_batch_size_follows_the_reference_per_kind():
+    from approx.methods.ssd import SSDConfig, importance_batch_size
+
+    assert importance_batch_size(SSDConfig(), "random") == 128
+    assert importance_batch_size(SSDConfig(), "class") == 64
+    assert importance_batch_size(SSDConfig(), "subclass") == 64
+    assert importance_batch_size(SSDConfig(batch_size=16), "random") == 16
+    with pytest.raises(ValueError, match="'batch_size' parameter of SSDConfig"):
+        SSDConfig(batch_size=0)
+
+
+def test_ssd_one_edit_by_hand_forget_and_full_set_mean_importances():
+    from approx import run_method
+
+    model, data, full, forget, retain, c = _ssd_problem(9, 3, RandomForget(fraction=0.25))
+    w, b = _params(model)
+    alpha, lam, batch = 2.0, 0.8, 3
+    exp_w, exp_b = _ssd_by_hand(w, b, full, forget, c, batch, alpha, lam)
+    out = run_method("ssd", model, data, _config("ssd", alpha=alpha, lam=lam, batch_size=batch))
+    _assert_model(out.model, exp_w, exp_b)
+    changed = int((exp_w != w).sum() + (exp_b != b).sum())
+    assert 0 < changed < w.size + b.size  # some weights dampened, not all
+    # the oracle tells the rule from its plausible mutations
+    wrong_set = _ssd_by_hand(w, b, retain, forget, c, batch, alpha, lam)
+    wrong_sum = _ssd_by_hand(w, b, full, forget, c, batch, alpha, lam, mean=False)
+    for wrong in (wrong_set, wrong_sum):
+        assert not np.allclose(wrong[0], exp_w, rtol=1e-4) or not np.allclose(wrong[1], exp_b)
+
+
+@pytest.mark.parametrize("request_, batch", [(RandomForget(fraction=0.1), 128),
+                                             (ClassForget(label=2), 64)])
+def test_ssd_default_uses_the_reference_batch_for_the_kind(request_, batch):
+    from approx import run_method
+
+    model, data, full, forget, _, c = _ssd_problem(180, 70, request_, seed=4)
+    w, b = _params(model)
+    expected = _ssd_by_hand(w, b, full, forget, c, batch, 10.0, 1.0)
+    other = _ssd_by_hand(w, b, full, forget, c, 192 - batch, 10.0, 1.0)  # 64 <-> 128
+    assert not (np.allclose(expected[0], other[0]) and np.allclose(expected[1], other[1]))
+    out = run_method("ssd", model, data)
+    _assert_model(out.model, *expected)
+
+
+# Fisher forgetting (Golatkar et al.; reference Forgetting.ipynb, hessian / get_mean_var)
+
+
+def _fisher_mean_var_by_hand(p, f, *, is_out, forget_class, alpha, conv_dims=(1,)):
+    """get_mean_var of the reference, in NumPy."""
+    var = np.minimum(1.0 / (f + 1e-8), 1e3)
+    if is_out:
+        var = np.minimum(var, 1e2)
+    var = alpha * var
+    if p.ndim > 1:
+        var = np.broadcast_to(var.mean(axis=conv_dims, keepdims=True), p.shape).copy()
+    mu = p.copy()
+    if is_out and forget_class is not None:
+        mu[forget_class] = 0
+        var[forget_class] = 1e-4
+    if is_out or p.ndim == 1:
+        var = var * 10
+    return mu, var
+
+
+def _small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 2), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4))
+
+
+def test_fisher_forgetting_noise_scale_by_hand_on_a_small_cnn():
+    from approx.methods.fisher_forgetting import FisherForgettingConfig, fisher_noise_scale
+
+    model = _small_cnn()
+    gen = torch.Generator().manual_seed(1)
+    # Fisher values from 1e-4 (inverse clamped) to 10, varying across every dimension
+    fisher = {k: 10.0 ** (5 * torch.rand(v.shape, generator=gen, dtype=torch.float64) - 4)
+              for k, v in model.named_parameters()}
+    out_names = {"3.weight", "3.bias"}
+    alpha = 1e-3
+    for forget_class in (None, 2):
+        dist = fisher_noise_scale(model, {k: v.float() for k, v in fisher.items()},
+                                  FisherForgettingConfig(alpha=alpha), forget_class)
+        for name, p in model.named_parameters():
+            p_np = p.detach().double().numpy()
+            f_np = fisher[name].float().double().numpy()
+            mu, var = _fisher_mean_var_by_hand(p_np, f_np, is_out=name in out_names,
+                                               forget_class=forget_class, alpha=alpha)
+            np.testing.assert_allclose(dist[name][0].double().numpy(), mu, rtol=1e-6, atol=0)
+            np.testing.assert_allclose(dist[name][1].double().numpy(), var, rtol=1e-5, atol=0)
+    # the conv kernel (3, 2, 2, 2) keeps its spatial positions: averaging over dimensions 1-3
+    # (the previous rule) gives a different variance
+    p_np = model[0].weight.detach().double().numpy()
+    f_np = fisher["0.weight"].float().double().numpy()
+    ref = _fisher_mean_var_by_hand(p_np, f_np, is_out=False, forget_class=None, alpha=alpha)[1]
+    alt = _fisher_mean_var_by_hand(p_np, f_np, is_out=False, forget_class=None, alpha=alpha,
+                                   conv_dims=(1, 2, 3))[1]
+    assert np.abs(ref / alt - 1).max() > 0.1
+
+
+def test_fisher_forgetting_redraws_from_the_expected_fisher_by_hand():
+    """The whole method on a linear model: expected Fisher of the retain set (by hand), the
+    reference's mean and variance, and the standard normal draws of a generator seeded with the
+    method's seed, in named_parameters order."""
+    from approx import UnlearningData, run_method
+
+    c, n_in = 4, 3
+    xr, yr = _points(12, n_in, c, 5)
+    xf = _points(3, n_in, c, 6)[0]
+    yr = np.where(yr == 1, 0, yr)
+    data = UnlearningData(forget=_samples(xf, np.ones(3, dtype=np.int64), c, 100),
+                          retain=_samples(xr, yr, c), request=ClassForget(label=1))
+    model = _linear(n_in, c, seed=2)
+    w, b = _params(model)
+    alpha, seed = 1e-3, 7
+
+    def fisher_by_hand(empirical):
+        fw, fb = np.zeros_like(w), np.zeros_like(b)
+        for xi, yi in zip(xr.astype(np.float64), yr):
+            p = _softmax((w @ xi + b)[None])[0]
+            for k in range(c):
+                g = p - np.eye(c)[k]  # d/dz of -log p_k
+                weight = float(k == yi) if empirical else p[k]
+                fw += weight * np.outer(g, xi) ** 2
+                fb += weight * g ** 2
+        return fw / len(xr), fb / len(xr)
+
+    def redraw(fw, fb):
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        for p, f in ((w, fw), (b, fb)):
+            mu, var = _fisher_mean_var_by_hand(p, f, is_out=True, forget_class=1, alpha=alpha)
+            z = torch.randn(p.shape, generator=gen).double().numpy()
+            out.append(mu + np.sqrt(var) * z)
+        return out
+
+    expected = redraw(*fisher_by_hand(empirical=False))
+    result = run_method("fisher_forgetting", model, data,
+                        _config("fisher_forgetting", alpha=alpha), seed=seed)
+    _assert_model(result.model, *expected, atol=1e-6)
+    assert np.all(expected[0][1] != 0) and np.abs(expected[0][1]).max() < 0.5  # row 1 redrawn at 0
+    empirical = redraw(*fisher_by_hand(empirical=True))
+    assert np.abs(empirical[0] - expected[0]).max() > 1e-3

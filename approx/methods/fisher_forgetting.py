@@ -1,5 +1,9 @@
 """Fisher forgetting (Golatkar, Achille and Soatto, "Eternal Sunshine of the Spotless Net",
-CVPR 2020)."""
+CVPR 2020).
+
+Reference code: github.com/AdityaGolatkar/SelectiveForgetting, ``Forgetting.ipynb`` (``hessian``
+and ``get_mean_var``).
+"""
 
 from __future__ import annotations
 
@@ -16,11 +20,13 @@ from ..loop import fisher_diagonal
 
 @dataclass(frozen=True, kw_only=True)
 class FisherForgettingConfig:
-    """Defaults of the authors' code (``SelectiveForgetting/main.ipynb``): expected Fisher on the
-    retain set, ``alpha = 1e-6``, inverse Fisher clamped at 1e3 (1e2 for
-    the output layer), per-row mean variance for matrices, variance x10 for the output layer and
-    one-dimensional parameters; for class forgetting the forgotten class's output row is set to 0
-    with variance 1e-4."""
+    """Defaults of the authors' code (``Forgetting.ipynb``): expected Fisher on the retain set
+    (model in eval mode, one sample at a time), ``alpha = 1e-6``, inverse Fisher clamped at 1e3
+    (1e2 for the output layer), variance averaged over dimension 1 for tensors of two or more
+    dimensions (a matrix's row; a conv kernel ``(out, in, kh, kw)`` keeps its spatial positions
+    and is averaged over input channels only), variance x10 for the output layer and
+    one-dimensional parameters; for class forgetting the forgotten class's output row (weight and
+    bias) is set to 0 with variance 1e-4 before the x10."""
 
     alpha: float = 1e-6
     max_var: float = 1e3
@@ -53,7 +59,7 @@ def fisher_noise_scale(
             var = var.clamp(max=config.max_var_output)
         var = config.alpha * var
         if p.ndim > 1:
-            var = var.mean(dim=tuple(range(1, p.ndim)), keepdim=True).expand_as(p).clone()
+            var = var.mean(dim=1, keepdim=True).expand_as(p).clone()
         mu = p.detach().clone()
         if is_out and forget_class is not None:
             mu[forget_class] = 0
@@ -70,12 +76,15 @@ def fisher_noise_scale(
 )
 def fisher_forgetting(model, data, config: FisherForgettingConfig, device, seed):
     """Redraw each weight from N(w, alpha * F_retain^-1): directions the retain set does not
-    pin down are scrubbed by noise."""
-    fisher = fisher_diagonal(model, data.retain, device)
+    pin down are scrubbed by noise. The standard normal draws come from a CPU generator seeded
+    with ``seed``, one tensor per parameter in ``named_parameters`` order."""
+    fisher = fisher_diagonal(model, data.retain, device, kind="expected")
     forget_class = data.request.label if data.request.kind == "class" else None
     dist = fisher_noise_scale(model, fisher, config, forget_class)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             mu, var = dist[name]
-            p.copy_(mu + var.sqrt() * torch.randn_like(p))
+            noise = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
+            p.copy_(mu + var.sqrt() * noise)
     return model

@@ -28,10 +28,14 @@ class RandomPerturbationConfig(LoopConfig):
 
 
 @torch.no_grad()
-def perturb(model: torch.nn.Module, beta: float) -> None:
+def perturb(model: torch.nn.Module, beta: float, gen: torch.Generator) -> None:
+    """Add ``beta * sigma * z`` to each parameter, ``z`` standard normal drawn from the CPU
+    generator ``gen`` (one tensor per parameter, in ``parameters()`` order) and ``sigma`` the
+    tensor's standard deviation (its absolute value for a single number)."""
     for p in model.parameters():
         sigma = p.std() if p.numel() > 1 else p.abs().mean()
-        p.add_(torch.randn_like(p) * beta * sigma)
+        z = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
+        p.add_(z * beta * sigma)
 
 
 @register(
@@ -39,6 +43,6 @@ def perturb(model: torch.nn.Module, beta: float) -> None:
     reference="Gaussian perturbation then retain fine-tuning (Golatkar et al. 2020 baselines)",
 )
 def random_perturbation(model, data, config: RandomPerturbationConfig, device, seed):
-    perturb(model, config.beta)
+    perturb(model, config.beta, torch.Generator().manual_seed(seed))
     x, y, r = stack((data.retain, RETAIN))
     return train(model, x, y, r, cross_entropy, config, device, seed)
