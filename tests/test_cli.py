@@ -60,10 +60,10 @@ def test_train_delete_predict_status_verify(tmp_path, capsys, parquet_data, tiny
 
     out_path = tmp_path / "pred.parquet"
     code, out, _ = run(capsys, "predict", *common, "--input", str(te), "--output", str(out_path),
-                       "--vote", "soft")
+                       "--vote", "soft", "--shard-proba")
     assert code == 0 and json.loads(out)["rows"] == len(test)
     table = pq.read_table(out_path)
-    assert table.column_names == ["id", "prediction", "proba", "shard_proba"]
+    assert table.column_names == ["id", "prediction", "proba", "shard_proba", "label"]
     proba = np.array(table.column("proba").to_pylist())
     np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-6)
     assert (proba.argmax(1) == table.column("prediction").to_numpy()).all()

@@ -186,10 +186,9 @@ def cmd_abandon(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ..core.aggregation import aggregate
+    from ..predictions import predictions_table
 
     try:
         table = pq.read_table(args.input)
@@ -205,31 +204,26 @@ def cmd_predict(args) -> int:
     ens = _open(args, recover=False)
     if n == 0:
         raise CLIError(f"--input {args.input} has no rows; nothing to predict.")
-    probs, active = ens.shard_proba(x)
+    probs, active = ens.shard_proba(x)  # the generation it used is ens.manifest_'s from here on
+    vote = args.vote
     if ens.task_ == "regression":  # one output per shard: mean (or --vote median) of them
-        from ..core.aggregation import aggregate_regression
-
-        how = "median" if args.vote == "median" else "mean"
-        pred = aggregate_regression(probs, active, how)
-        agg = pred[:, None]
-    else:
-        pred, agg = aggregate(probs, active, args.vote)
-    out = pa.table({
-        "id": table.column("id"),
-        "prediction": pa.array(pred if ens.task_ == "regression" else pred.astype(np.int64)),
-        "proba": pa.array(list(agg), type=pa.list_(pa.float64())),
-        "shard_proba": pa.array(
-            [[probs[s, i].tolist() if active[s] else None for s in range(len(active))]
-             for i in range(n)],
-            type=pa.list_(pa.list_(pa.float64())),
-        ),
-    })
+        vote = "median" if args.vote == "median" else "mean"
+    label = table.column("label") if "label" in table.column_names else None
+    out = predictions_table(
+        table.column("id"), probs, active, task=ens.task_, vote=vote, label=label,
+        provenance={"store": ens.store_.location, "generation": ens.manifest_.generation,
+                    "config_hash": ens.meta_["config_hash"]},
+        with_shard_proba=args.shard_proba,
+    )
     pq.write_table(out, args.output)
-    payload = {"output": os.path.abspath(args.output), "rows": n, "vote": args.vote,
+    pred = out.column("prediction").to_numpy()
+    payload = {"output": os.path.abspath(args.output), "rows": n, "vote": vote,
+               "generation": ens.manifest_.generation,
                "abstaining_shards": np.flatnonzero(~active).tolist()}
-    text = f"Wrote {n} predictions ({args.vote} vote) to {args.output}"
-    if "label" in table.column_names and n:
-        truth = table.column("label").to_numpy()
+    text = f"Wrote {n} predictions ({vote} vote, generation {ens.manifest_.generation}) to " \
+           f"{args.output}"
+    if label is not None:
+        truth = label.to_numpy()
         if ens.task_ == "regression":
             payload["mae"] = float(np.abs(pred - truth).mean())
             text += f"; MAE against 'label': {payload['mae']:.4f}"
@@ -437,6 +431,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--output", required=True, help="Parquet to write")
     p.add_argument("--vote", choices=["hard", "soft", "mean", "median"], default="hard",
                    help="classification: hard (majority) or soft; regression: mean or median")
+    p.add_argument("--shard-proba", action="store_true",
+                   help="also write each shard's probabilities (float32; null where a shard "
+                        "abstains): a list per shard in every row")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("status", help="show config, shards and ledger")
