@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import tempfile
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core.config import ShardingConfig, SISAConfig, TrainingConfig
+from .core.config import ResourceConfig, ShardingConfig, SISAConfig, TrainingConfig
 from .core.cost import expected_shards_touched, expected_speedup, paper_speedup
 from .core.data import SampleSet
 from .core.plan import epochs_per_step
@@ -64,6 +65,8 @@ class BenchSpec:
     seed: int
     data_dir: str | None = None
     cli: bool = True
+    address: str | None = None
+    resources: ResourceConfig | None = None
 
 
 def plain_loop_throughput(data: SampleSet, model_name: str, batch_size: int, epochs: int,
@@ -88,10 +91,11 @@ def plain_loop_throughput(data: SampleSet, model_name: str, batch_size: int, epo
     return len(y) * epochs / (time.perf_counter() - t0)
 
 
-def _fit(config: SISAConfig, train: SampleSet, test: SampleSet, store: str):
+def _fit(config: SISAConfig, train: SampleSet, test: SampleSet, store: str, spec: BenchSpec):
     from .ensemble import SISAEnsemble
 
-    ens = SISAEnsemble(config, store=store)
+    ens = SISAEnsemble(config, store=store, backend="ray", address=spec.address,
+                       resources=spec.resources)
     t0 = time.perf_counter()
     ens.fit(train, test)
     wall = time.perf_counter() - t0 - ens.executor.startup_seconds
@@ -103,7 +107,7 @@ def run_config(spec: BenchSpec, train: SampleSet, test: SampleSet, s: int, r: in
     training = TrainingConfig(model=spec.model, epochs=spec.epochs, batch_size=spec.batch_size)
     config = SISAConfig(sharding=ShardingConfig(n_shards=s, n_slices=r, seed=repeat),
                         training=training)
-    ens, fit_wall = _fit(config, train, test, str(workdir / f"s{s}-r{r}-{repeat}"))
+    ens, fit_wall = _fit(config, train, test, str(workdir / f"s{s}-r{r}-{repeat}"), spec)
     shard_sum = sum(x["train_seconds"] for x in ens.fit_results_)
     concurrent = min(s, ens.executor.max_concurrent())
     row = {
@@ -158,7 +162,8 @@ def run_config(spec: BenchSpec, train: SampleSet, test: SampleSet, s: int, r: in
     # the naive baseline: retrain the whole ensemble from scratch on the remaining data
     remaining = ens.retained_data()
     ens.close()
-    retrain, retrain_wall = _fit(config, remaining, test, str(workdir / f"re-s{s}-r{r}-{repeat}"))
+    retrain, retrain_wall = _fit(config, remaining, test, str(workdir / f"re-s{s}-r{r}-{repeat}"),
+                                 spec)
     retrain.close()
     row["retrain_ensemble_wall_s"] = retrain_wall
     row["cores"] = cores
@@ -227,19 +232,28 @@ def cli_latency(ens, victims: list[int], train: SampleSet) -> dict:
 
 
 def run_bench(spec: BenchSpec, out: Path, mlflow_uri: str | None = None,
-              say=print) -> dict:
+              say=print, progress=None) -> dict:
+    """Run the benchmark; ``progress(done, total, what)`` is called after each measured stage
+    (the single model, the throughput, each configuration)."""
     from .datasets import load_dataset
     from .ensemble import SISAEnsemble
     from .executor import ensure_ray
 
-    ensure_ray()
-    import ray
-
-    cores = int(ray.cluster_resources().get("CPU", 1))
+    # the data first: a missing dataset or too few samples fail before Ray starts
     train, test = load_dataset(spec.dataset, data_dir=spec.data_dir)
     if spec.max_train is not None and spec.max_train < len(train):
         rng = np.random.default_rng(spec.seed)
         train = train.select_ids(rng.choice(train.ids, spec.max_train, replace=False))
+    if 2 * spec.requests + 5 > len(train):
+        raise ValueError(f"--requests {spec.requests}: the benchmark deletes 2 x {spec.requests} "
+                         f"ids (plus 5 for the CLI runs) from {len(train)} training samples. Use "
+                         f"--requests {max(1, (len(train) - 5) // 2)} or less.")
+    ensure_ray(spec.address)
+    import ray
+
+    cores = int(ray.cluster_resources().get("CPU", 1))
+    total = 2 + len(spec.shards) * len(spec.slices) * spec.repeats
+    tick = progress or (lambda done, total, what: None)
     say(f"[bench] {spec.dataset}: {len(train)} train, {len(test)} test, model {spec.model}, "
         f"{cores} CPU(s)")
     out.mkdir(parents=True, exist_ok=True)
@@ -259,6 +273,7 @@ def run_bench(spec: BenchSpec, out: Path, mlflow_uri: str | None = None,
         single_acc = single.score(test)
         say(f"[bench] single model: {single_wall:.1f}s on {cores} threads, accuracy "
             f"{single_acc:.4f}")
+        tick(1, total, "single model")
         # throughput: one shard actor (S=1, R=1) vs a plain loop, same model and batch size
         n_tp = min(len(train), 5000)
         sub = train.take(np.arange(n_tp))
@@ -266,12 +281,13 @@ def run_bench(spec: BenchSpec, out: Path, mlflow_uri: str | None = None,
         one = SISAConfig(sharding=ShardingConfig(n_shards=1, n_slices=1),
                          training=TrainingConfig(model=spec.model, epochs=2,
                                                  batch_size=spec.batch_size))
-        ens, wall = _fit(one, sub, test, str(work / "throughput"))
+        ens, wall = _fit(one, sub, test, str(work / "throughput"), spec)
         actor_tp = n_tp * 2 / ens.fit_results_[0]["seconds"]
         actor_tp_wall = n_tp * 2 / wall
         ens.close()
         say(f"[bench] throughput: plain loop {plain:.0f}/s, shard actor {actor_tp:.0f}/s "
             f"({actor_tp / plain:.2f}x; {actor_tp_wall / plain:.2f}x with driver overheads)")
+        tick(2, total, "throughput")
         for s in spec.shards:
             for r in spec.slices:
                 for rep in range(spec.repeats):
@@ -279,8 +295,11 @@ def run_bench(spec: BenchSpec, out: Path, mlflow_uri: str | None = None,
                     row.update({"single_acc": single_acc, "single_wall_s": single_wall})
                     rows.append(row)
                     say(_line(row))
+                    tick(2 + len(rows), total, f"S={s} R={r} repeat {rep}")
     summary = {
-        "spec": spec.__dict__, "cores": cores, "n_train": len(train),
+        "spec": {**spec.__dict__, "resources": None if spec.resources is None
+                 else dataclasses.asdict(spec.resources)},
+        "cores": cores, "n_train": len(train),
         "single_model": {"wall_s": single_wall, "acc": single_acc},
         "throughput": {"plain_loop_per_s": plain, "actor_per_s": actor_tp,
                        "ratio": actor_tp / plain, "ratio_with_driver": actor_tp_wall / plain},
@@ -405,7 +424,8 @@ def _log_mlflow(summary: dict, files: list[Path], uri: str | None) -> None:
 
     from tune.tracking import _clean, default_tracking_uri, use_experiment
 
-    use_experiment(uri or default_tracking_uri(), "sisa-ray-bench")
+    use_experiment(uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(),
+                   "sisa-ray-bench")
     with mlflow.start_run(run_name=f"bench-{summary['spec']['dataset']}"):
         mlflow.log_params({k: str(v) for k, v in summary["spec"].items()})
         mlflow.log_metrics(_clean({
@@ -421,16 +441,37 @@ def _log_mlflow(summary: dict, files: list[Path], uri: str | None) -> None:
 
 
 def spec_from_args(args: argparse.Namespace) -> BenchSpec:
+    """The benchmark's settings from the ``bench`` command line, every one checked before
+    anything runs: a preset's values unless an option overrides them.
+
+    The per-option checks (integers >= 1, comma-separated lists, choices) are the parser's; this
+    checks what spans options and raises ``ValueError`` naming the option and the fix.
+    """
+    from pathlib import Path
+
     preset = PRESETS[args.preset]
 
-    def ints(text, default):
-        return [int(t) for t in text.split(",")] if text else default
+    def given(value, default):
+        return default if value is None else value
 
+    if args.no_mlflow and args.mlflow_uri is not None:
+        raise ValueError("--mlflow-uri and --no-mlflow contradict each other; give one of them.")
+    out = Path(args.out or "bench-results")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory for the results.")
+    max_train = given(args.max_train, preset["max_train"])
+    requests = given(args.requests, preset["requests"])
+    if max_train is not None and 2 * requests + 5 > max_train:
+        raise ValueError(f"--requests {requests}: the benchmark deletes 2 x {requests} ids (plus 5 "
+                         f"for the CLI runs) from --max-train {max_train} samples. Use --requests "
+                         f"{max(1, (max_train - 5) // 2)} or less, or a larger --max-train.")
+    resources = ResourceConfig(num_cpus=args.cpus_per_shard, num_gpus=args.gpus_per_shard,
+                               max_concurrent=args.max_concurrent)
     return BenchSpec(
         dataset=args.dataset, model=args.model,
-        shards=ints(args.shards, preset["shards"]), slices=ints(args.slices, preset["slices"]),
-        requests=args.requests or preset["requests"], repeats=args.repeats or preset["repeats"],
-        epochs=args.epochs or preset["epochs"], batch_size=args.batch_size,
-        max_train=args.max_train if args.max_train is not None else preset["max_train"],
-        mode=args.mode, seed=args.seed, data_dir=args.data_dir, cli=not args.no_cli,
+        shards=given(args.shards, preset["shards"]), slices=given(args.slices, preset["slices"]),
+        requests=requests, repeats=given(args.repeats, preset["repeats"]),
+        epochs=given(args.epochs, preset["epochs"]), batch_size=args.batch_size,
+        max_train=max_train, mode=args.mode, seed=args.seed, data_dir=args.data_dir,
+        cli=not args.no_cli, address=args.address, resources=resources,
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -90,20 +91,68 @@ class LocalExecutor:
         self._worker = None
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+class ClusterUnreachable(ConnectionError):
+    """The Ray cluster named by ``--address`` (or ``RAY_ADDRESS``) does not answer."""
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None,
+               verbose: bool | None = None) -> None:
     """Start or join Ray: ``address=None`` starts (or reuses) a local instance, ``"auto"`` or
-    ``RAY_ADDRESS`` joins a running cluster."""
+    ``RAY_ADDRESS`` joins a running cluster, after checking within
+    :data:`RAY_CONNECT_TIMEOUT_S` that it answers (Ray itself retries for a minute, logging
+    warnings all along).
+
+    ``verbose`` (default: whether this module logs at INFO) forwards the workers' output and
+    Ray's start-up messages to this process; otherwise they stay in Ray's log files.
+    """
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-    if address or os.environ.get("RAY_ADDRESS"):
-        kwargs["address"] = address or os.environ["RAY_ADDRESS"]
+    if verbose is None:
+        verbose = log.isEnabledFor(logging.INFO)
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose,
+                              "logging_level": logging.INFO if verbose else logging.ERROR}
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target:
+        check_reachable(target)
+        kwargs["address"] = target
     elif num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)
+
+
+def check_reachable(address: str, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Raise :class:`ClusterUnreachable` unless a TCP connection to the cluster at ``address``
+    (``host:port``, ``ray://host:port`` or ``auto``) opens within ``timeout_s``."""
+    if address == "local":
+        return
+    if address.startswith("ray://"):
+        hostport: str | None = address[len("ray://"):]
+    else:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        try:
+            hostport = canonicalize_bootstrap_address(address)
+        except Exception as e:  # Ray's own parse or lookup error, whatever its type
+            raise ClusterUnreachable(f"--address {address}: {e}") from None
+        if hostport is None:
+            raise ClusterUnreachable(
+                f"--address {address}: no running Ray cluster was found on this machine. Start "
+                "one with `ray start --head`, or give the head's address as host:6379.")
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise ClusterUnreachable(
+            f"The Ray cluster at {address} ({hostport}) does not answer ({reason}) within "
+            f"{timeout_s:g}s. Check --address (or RAY_ADDRESS) and that the cluster runs "
+            "(`ray status`).") from None
 
 
 def store_namespace(store_uri: str) -> str:
@@ -157,12 +206,15 @@ class RayExecutor:
         worker_cls: type | None = None,
         max_restarts: int = 3,
         idle_timeout_s: float = 3600.0,
+        startup_timeout_s: float = 600.0,
     ) -> None:
         self.resources = resources or ResourceConfig()
         self.address = address
         self.worker_cls = worker_cls
         self.max_restarts = max_restarts
         self.idle_timeout_s = idle_timeout_s
+        # long enough for an autoscaler to add a node; a worker that cannot start fails sooner
+        self.startup_timeout_s = startup_timeout_s
         self._workers: dict[int, Any] = {}
         self._store_uri: str | None = None
         self._threads = 1
@@ -208,6 +260,7 @@ class RayExecutor:
         new = [i for i in indices if i not in self._workers]
         if not new:
             return
+        self._check_feasible()
         options: dict[str, Any] = dict(
             # A token share of a CPU unless asked for more: it keeps idle workers from holding
             # cores other work needs, and makes SPREAD see them, so they go one per node with
@@ -238,10 +291,20 @@ class RayExecutor:
                 self._store_uri, 512.0, idle, _stop_this_actor if idle else None)
         # An actor that refuses the store's runtime fails here, before anything is recorded.
         try:
-            hashes = ray.get([self._workers[i].ping.remote() for i in new])
-        except ray.exceptions.ActorDiedError as e:
+            hashes = ray.get([self._workers[i].ping.remote() for i in new],
+                             timeout=self.startup_timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
             for i in new:
-                self._workers.pop(i, None)
+                actor = self._workers.pop(i, None)
+                if actor is not None and isinstance(e, ray.exceptions.GetTimeoutError):
+                    ray.kill(actor, no_restart=True)
+            if isinstance(e, ray.exceptions.GetTimeoutError):
+                raise WorkerStartTimeout(
+                    f"{len(new)} shard worker(s) did not start within {self.startup_timeout_s:g}s "
+                    f"(each asks for {options['num_cpus']:g} CPU, {options['num_gpus']:g} GPU; "
+                    f"the cluster has {_resources_text(ray.cluster_resources())}). Lower "
+                    "--cpus-per-shard/--gpus-per-shard, add nodes, or wait for the autoscaler "
+                    "and try again.") from None
             raise _start_error(e) from None
         stale = [i for i, h in zip(new, hashes) if self._config_hash and h != self._config_hash]
         for i in stale:  # a warm worker of an earlier store at this location: replace it
@@ -251,6 +314,27 @@ class RayExecutor:
             self._start_locked(stale)
         self.startup_seconds += time.perf_counter() - t0
         log.info("%d worker(s) ready in %.1fs", len(new), time.perf_counter() - t0)
+
+    def _check_feasible(self) -> None:
+        """Refuse at once what no node of a local Ray instance can give a worker (a cluster's
+        autoscaler may still add such a node: there the start-up timeout decides)."""
+        import ray
+
+        if self.detached:
+            return
+        most = {"CPU": 0.0, "GPU": 0.0}
+        for node in ray.nodes():
+            if node.get("Alive"):
+                for key in most:
+                    most[key] = max(most[key], float(node.get("Resources", {}).get(key, 0.0)))
+        for key, option, asked in (("CPU", "--cpus-per-shard", self.resources.num_cpus),
+                                   ("GPU", "--gpus-per-shard", self.resources.num_gpus)):
+            if asked > most[key]:
+                raise ValueError(
+                    f"{option} {asked:g}: each shard worker would need {asked:g} {key}(s), but "
+                    f"this Ray instance offers at most {most[key]:g} per node. Use "
+                    f"{option} {most[key]:g} or less, or join a cluster that has them "
+                    "(--address).")
 
     def placement(self) -> list[str]:
         """The Ray node id each shard's serving worker runs on."""
@@ -357,6 +441,14 @@ def release_workers(store_uri: str, address: str | None = None) -> int:
             except ValueError:  # gone in the meantime
                 pass
     return stopped
+
+
+class WorkerStartTimeout(RuntimeError):
+    """Shard workers did not answer within the start-up timeout (resources the cluster lacks)."""
+
+
+def _resources_text(total: dict) -> str:
+    return f"{total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU in all"
 
 
 def _start_error(e: Exception) -> Exception:

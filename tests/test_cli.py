@@ -84,7 +84,8 @@ def test_human_output_and_errors(tmp_path, capsys):
     code, out, err = run(capsys, "train", "--store", store, "--backend", "local", "--shards", "2",
                          "--slices", "1", "--epochs", "1")
     assert code == 0 and "Test accuracy: majority vote" in out and "shard   1" in out
-    assert "[train] shard" in err  # progress display
+    # progress in tqdm's format, one line per finished shard (stderr is not a terminal here)
+    assert "train:  50% 1/2 [" in err and "train: 100% 2/2 [" in err
     before = snapshot(store)
     code, _, err = run(capsys, "delete", "--store", store, "--backend", "local", "--ids", "3,x")
     assert code == 2 and "must be integers" in err and "'x'" in err

@@ -62,7 +62,7 @@ def cmd_train(args) -> int:
         )
     t0 = time.perf_counter()
     ens = SISAEnsemble(config, store=args.store, **_ensemble_kwargs(args)).fit(
-        train, test, progress=_progress(args, "train")
+        train, test, progress=_progress(args, "train", announce=True)
     )
     wall = time.perf_counter() - t0
     if isinstance(train, ParquetSource) and args.n_classes is None and not args.quiet \
@@ -126,7 +126,8 @@ _INT = re.compile(r"[+-]?[0-9]+")
 def cmd_delete(args) -> int:
     ids = _parse_ids(args)
     ens = _open(args)
-    report = ens.unlearn(ids, request_id=args.request_id, progress=_progress(args, "retrain"))
+    report = ens.unlearn(ids, request_id=args.request_id,
+                         progress=_progress(args, "retrain", announce=True))
     d = report.to_dict()
     lines = [f"Request {report.request_id}: {len(report.ids)} id(s)"]
     if report.duplicate_request:
@@ -302,7 +303,7 @@ def cmd_verify(args) -> int:
     ens = _open(args, recover=False)
     if not args.json and not args.quiet:
         print("Retraining from scratch on the retained data to compare...", file=sys.stderr)
-    rep = ens.verify(work_store=args.work_store, progress=_progress(args, "scratch"))
+    rep = ens.verify(work_store=args.work_store, progress=_progress(args, "scratch", announce=True))
     lines = []
     for s in rep.shards:
         mark = "identical" if s["identical"] else f"DIFFERENT at steps {[d['step'] for d in s['diffs']]}"
@@ -335,8 +336,6 @@ def cmd_serve(args) -> int:
     say = _status_printer(args)
     say(f"Starting Ray Serve for {store} ...")
     t0 = time.perf_counter()
-    # Ray forwards its processes' output lines to sys.stdout; stdout is kept for --json alone.
-    stdout, sys.stdout = sys.stdout, sys.stderr
     stop = threading.Event()
     handlers = {}
     try:
@@ -358,15 +357,14 @@ def cmd_serve(args) -> int:
               f"POST /delete, GET /requests/<id>, GET /status. Ctrl-C stops it.",
               file=sys.stderr, flush=True)
         if args.json:
-            print(json.dumps({"url": url, "store": store, "startup_seconds": up}), file=stdout,
-                  flush=True)
+            print(json.dumps({"url": url, "store": store, "startup_seconds": up}),
+                  file=args.result_stream, flush=True)
         while not stop.wait(0.5):
             pass
         say("Stopping: finishing the current retrain, releasing the store ...")
     finally:
         http.stop()
         ray.shutdown()  # and with it Ray's forwarding of log lines, before stdout is restored
-        sys.stdout = stdout
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     return 0
@@ -377,24 +375,29 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("train", help="train a SISA ensemble into a store")
     _add_common(p)
     p.add_argument("--dataset", default="digits",
-                   help="digits | diabetes | fashion-mnist | mnist | cifar10 | parquet:PATH")
+                   help="digits | diabetes | fashion-mnist | mnist | cifar10 | parquet:PATH "
+                        "(default: digits)")
     p.add_argument("--test", default=None, help="parquet:PATH test split for parquet data")
     p.add_argument("--data-dir", default=None, help="where local dataset files are")
     p.add_argument("--download", action="store_true", help="allow torchvision to download")
-    p.add_argument("--model", default="mlp", choices=list(MODELS))
-    p.add_argument("--shards", type=int, default=8)
-    p.add_argument("--slices", type=int, default=4)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--epoch-schedule", choices=["sisa", "per_slice"], default="sisa")
+    p.add_argument("--model", default="mlp", choices=list(MODELS), help="model of every shard")
+    p.add_argument("--shards", type=int, default=8, help="shards S (independent models)")
+    p.add_argument("--slices", type=int, default=4,
+                   help="slices R per shard (a checkpoint after each)")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs of each shard")
+    p.add_argument("--batch-size", type=int, default=32, help="minibatch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    p.add_argument("--epoch-schedule", choices=["sisa", "per_slice"], default="sisa",
+                   help="sisa: the paper's schedule (epochs spread over the slices); per_slice: "
+                        "every slice step trains --epochs epochs")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training shard")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="base seed: shard and slice placement, initialisation, order")
     p.add_argument("--n-classes", type=int, default=None,
                    help="number of classes (model outputs); default: the dataset's, for Parquet "
                         "the largest label + 1. Recorded in the store")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="where every shard trains; recorded and pinned (default: cpu)")
+                   help="where every shard trains; recorded and pinned")
     p.add_argument("--cpu-capability", default=None,
                    choices=["default", "avx2", "avx512", "zvector", "vsx", "sve128", "sve256"],
                    help="PyTorch CPU kernels every shard uses (ATEN_CPU_CAPABILITY); default: "
@@ -452,5 +455,5 @@ def add_parsers(sub) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: "
                         "every interface)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.set_defaults(func=cmd_serve)

@@ -42,6 +42,18 @@ class StoreError(RuntimeError):
     """A store is missing, unreadable or inconsistent. The message says how to recover."""
 
 
+#: how long a gs:// request retries before it fails (pyarrow's default is 15 minutes, so a
+#: store without credentials or network hung that long)
+GCS_RETRY_LIMIT_S = 20
+
+
+def _with_retry_limit(uri: str) -> str:
+    """``uri`` with a bounded retry time for GCS, unless the URI sets one itself."""
+    if not uri.startswith("gs://") or "retry_limit_seconds=" in uri:
+        return uri
+    return f"{uri}{'&' if '?' in uri else '?'}retry_limit_seconds={GCS_RETRY_LIMIT_S}"
+
+
 class Store:
     """A directory of objects addressed by relative POSIX paths.
 
@@ -54,7 +66,7 @@ class Store:
         if not isinstance(uri, str) or not uri:
             raise ValueError(f"The store must be a non-empty path or URI string. Got {uri!r}.")
         if "://" in uri:
-            self.fs, root = pafs.FileSystem.from_uri(uri)
+            self.fs, root = pafs.FileSystem.from_uri(_with_retry_limit(uri))
         else:
             # resolved here, so workers on other nodes (other working directories) get the
             # absolute path and every spelling of one store names the same workers
