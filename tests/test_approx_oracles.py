@@ -432,3 +432,149 @@ def test_fisher_forgetting_redraws_from_the_expected_fisher_by_hand():
     assert np.all(expected[0][1] != 0) and np.abs(expected[0][1]).max() < 0.5  # row 1 redrawn at 0
     empirical = redraw(*fisher_by_hand(empirical=True))
     assert np.abs(empirical[0] - expected[0]).max() > 1e-3
+
+
+# Methods that train: one SGD step over one batch holding every sample
+
+
+def _one_batch_problem(n_forget, n_retain, c, seed, request=None):
+    from approx import UnlearningData
+
+    n_in = 4
+    xf, yf = _points(n_forget, n_in, c, seed)
+    xr, yr = _points(n_retain, n_in, c, seed + 1)
+    data = UnlearningData(forget=_samples(xf, yf, c, 1000), retain=_samples(xr, yr, c),
+                          request=request or RandomForget(fraction=0.3))
+    return _linear(n_in, c, seed), data, (xf, yf), (xr, yr)
+
+
+def test_negative_gradient_ascends_the_forget_loss_by_hand():
+    from approx import run_method
+
+    c, lr = 3, 0.5
+    model, data, (xf, yf), (xr, yr) = _one_batch_problem(5, 4, c, 11)
+    w, b = _params(model)
+    # plain ascent: w + lr * grad CE(forget)
+    g = -_ce_grad_logits(w, b, xf, yf, c)
+    out = run_method("negative_gradient", model, data,
+                     _config("negative_gradient", lr=lr, **SGD_ONE_BATCH))
+    _assert_model(out.model, *_step(w, b, xf, g, lr))
+    # NegGrad+: the batch mean of -CE on forget samples and retain_weight * CE on retain samples
+    rw, n = 0.5, len(xf) + len(xr)
+    g = np.concatenate([-_ce_grad_logits(w, b, xf, yf, c) * len(xf),
+                        rw * _ce_grad_logits(w, b, xr, yr, c) * len(xr)]) / n
+    out = run_method("negative_gradient", model, data,
+                     _config("negative_gradient", lr=lr, retain_weight=rw, **SGD_ONE_BATCH))
+    _assert_model(out.model, *_step(w, b, np.concatenate([xf, xr]), g, lr))
+
+
+def test_random_labels_trains_on_wrong_labels_by_hand():
+    """With two classes the only wrong label is the other one, so the step is known exactly."""
+    from approx import run_method
+
+    c, lr = 2, 0.5
+    model, data, (xf, yf), (xr, yr) = _one_batch_problem(4, 5, c, 12)
+    w, b = _params(model)
+    x = np.concatenate([xf, xr])
+    y = np.concatenate([1 - yf, yr])
+    out = run_method("random_labels", model, data, _config("random_labels", lr=lr, **SGD_ONE_BATCH))
+    _assert_model(out.model, *_step(w, b, x, _ce_grad_logits(w, b, x, y, c), lr))
+
+
+def test_random_wrong_labels_are_uniform_among_the_other_classes():
+    from approx.methods.random_labels import random_wrong_labels
+
+    y = np.repeat(np.arange(5), 2000)
+    wrong = random_wrong_labels(y, 5, np.random.default_rng(0))
+    assert not np.any(wrong == y)
+    for k in range(5):
+        counts = np.bincount(wrong[y == k], minlength=5) / 2000
+        assert counts[k] == 0 and np.all(np.abs(np.delete(counts, k) - 0.25) < 0.04)
+
+
+def test_bad_teacher_step_by_hand():
+    """The reference's UnlearnerLoss: KL to the incompetent teacher on forget samples and to the
+    original model on retain samples, element-wise mean over batch x classes, temperature T."""
+    from approx import run_method
+    from approx.methods.bad_teacher import reinitialised
+    from sisa_ray.core.training import seeded
+
+    c, lr, t, seed = 3, 2.0, 2.0, 5
+    model, data, (xf, _), (xr, _) = _one_batch_problem(4, 6, c, 13)
+    w, b = _params(model)
+    with seeded(seed, torch.device("cpu")):  # the method's incompetent teacher
+        bw, bb = _params(reinitialised(model))
+    x = np.concatenate([xf, xr]).astype(np.float64)
+    is_forget = np.arange(len(x)) < len(xf)
+
+    def expected(forget_teacher, retain_teacher):
+        target = np.where(is_forget[:, None], _softmax((x @ forget_teacher[0].T + forget_teacher[1]) / t),
+                          _softmax((x @ retain_teacher[0].T + retain_teacher[1]) / t))
+        student = _softmax((x @ w.T + b) / t)
+        return _step(w, b, x, (student - target) / (t * len(x) * c), lr)
+
+    right = expected((bw, bb), (w, b))
+    out = run_method("bad_teacher", model, data,
+                     _config("bad_teacher", lr=lr, temperature=t, retain_fraction=1.0,
+                             **SGD_ONE_BATCH), seed=seed)
+    _assert_model(out.model, *right)
+    swapped = expected((w, b), (bw, bb))
+    assert np.abs(swapped[0] - right[0]).max() > 1e-3
+
+
+def test_random_perturbation_noise_by_hand():
+    """No fine-tuning (epochs 0): each tensor moves by beta * std(tensor) * z, z drawn from a
+    generator seeded with the method's seed, in parameters() order."""
+    from approx import run_method
+
+    model, data, _, _ = _one_batch_problem(3, 6, 3, 14)
+    w, b = _params(model)
+    beta, seed = 0.5, 9
+    gen = torch.Generator().manual_seed(seed)
+    exp = [p + beta * p.std(ddof=1) * torch.randn(p.shape, generator=gen).double().numpy()
+           for p in (w, b)]
+    out = run_method("random_perturbation", model, data,
+                     _config("random_perturbation", beta=beta, epochs=0), seed=seed)
+    _assert_model(out.model, *exp)
+    assert np.abs(exp[0] - w).min() > 0
+
+
+def test_adversarial_step_by_formula():
+    """One discriminator step (Adam, forget = 1, retain = 0, on the detached softmax outputs),
+    then one model step on adv_weight * BCE(D(softmax(forget outputs)), 0), i.e. the forget
+    outputs made to look like retain outputs, plus the batch-mean KL to the original model on
+    retain samples."""
+    from approx import run_method
+    from sisa_ray.core.training import seeded
+
+    c, lr, seed, hidden, disc_lr, adv = 3, 0.5, 4, 8, 0.05, 2.0
+    model, data, (xf, _), (xr, _) = _one_batch_problem(4, 6, c, 15)
+    x = torch.from_numpy(np.concatenate([xf, xr]))
+    is_forget = (torch.arange(len(x)) < len(xf)).float()
+    bce = nn.functional.binary_cross_entropy_with_logits
+
+    def expected(fool_target):
+        with seeded(seed, torch.device("cpu")):  # the method's discriminator initialisation
+            disc = nn.Sequential(nn.Linear(c, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        student = _linear(4, c, 15)
+        probs = torch.softmax(student(x), dim=1)
+        opt = torch.optim.Adam(disc.parameters(), lr=disc_lr)
+        bce(disc(probs.detach()).squeeze(1), is_forget).backward()
+        opt.step()
+        f, r = is_forget.bool(), ~is_forget.bool()
+        fooled = bce(disc(probs[f]).squeeze(1), torch.full((int(f.sum()),), fool_target))
+        with torch.no_grad():
+            teacher = torch.softmax(model(x[r]), dim=1)
+        kl = nn.functional.kl_div(torch.log_softmax(student(x)[r], dim=1), teacher,
+                                  reduction="batchmean")
+        (adv * fooled + kl).backward()
+        with torch.no_grad():
+            return [(p - lr * p.grad).double().numpy() for p in (student.weight, student.bias)]
+
+    right = expected(0.0)
+    out = run_method("adversarial", model, data,
+                     _config("adversarial", lr=lr, disc_lr=disc_lr, disc_hidden=hidden,
+                             adv_weight=adv, **SGD_ONE_BATCH), seed=seed)
+    _assert_model(out.model, *right, atol=1e-5)
+    flipped = expected(1.0)
+    assert np.abs(flipped[0] - right[0]).max() > 1e-3
