@@ -12,7 +12,7 @@ PURE = [
     "sisa_ray.core.ledger", "sisa_ray.core.manifest", "sisa_ray.models", "sisa_ray.datasets",
     "sisa_ray.shard", "sisa_ray.ensemble", "sisa_ray.deletion", "sisa_ray.ingest",
     "sisa_ray.service", "sisa_ray.core.runtime", "sisa_ray.core.jobs", "approx", "approx.methods",
-    "approx.metrics", "approx.loop", "tune.objective", "tune.spaces", "tune.problem", "tune.report",
+    "approx.metrics", "approx.loop", "tune.objective", "tune.config", "tune.problem", "tune.report",
 ]
 
 

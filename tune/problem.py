@@ -15,8 +15,10 @@ are defined for them as for a single model. Pure: no Ray, no MLflow here; the Ra
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from approx import UnlearningData, run_method
-from approx.loop import RETAIN, LoopConfig, cross_entropy, stack, train
+from approx.loop import RETAIN, LoopConfig, cross_entropy, on_epoch_end, stack, train
 from approx.metrics import Evaluation, evaluate, logit_margin, logits
 from approx.requests import ForgetRequest
 from sisa_ray.core.config import ShardingConfig, SISAConfig, TrainingConfig
@@ -33,7 +35,9 @@ from sisa_ray.core.plan import assign
 from sisa_ray.core.training import deterministic_torch, seeded
 from sisa_ray.models import build_model
 
-TARGETS = ("monolith", "sisa")
+from .config import TARGETS
+
+__all__ = ["TARGETS", "ModelSpec", "Problem", "apply_method", "score", "train_seed"]
 
 
 @dataclass(frozen=True)
@@ -170,13 +174,18 @@ def train_seed(problem: Problem, train_set: SampleSet, seed: int) -> Trained:
                    exact_seconds=exact_s, exact=exact_e)
 
 
-def apply_method(problem: Problem, method: str, config, seed: int, seed_index: int = 0):
-    """Unlearn with ``method``; return ``(model, seconds)``. ``seed_index`` picks the original."""
+def apply_method(problem: Problem, method: str, config, seed: int, seed_index: int = 0,
+                 device: str = "cpu", epoch_end: Callable[[nn.Module, int], None] | None = None):
+    """Unlearn with ``method``; return ``(model on the CPU, seconds)``. ``seed_index`` picks the
+    original; ``epoch_end(model, epoch)`` observes every epoch of a method that trains (monolith
+    target only: a SISA target unlearns shard after shard, and one shard is not the model)."""
     trained = problem.seeds[seed_index]
     if problem.target == "monolith":
-        res = run_method(method, problem.model(trained.original), problem.unlearning_data(),
-                         config, seed=seed, threads=1)
-        return res.model, res.seconds
+        observe = None if epoch_end is None else _on_cpu(epoch_end)
+        with on_epoch_end(observe):
+            res = run_method(method, problem.model(trained.original), problem.unlearning_data(),
+                             config, seed=seed, threads=1, device=device)
+        return res.model.to("cpu").eval(), res.seconds
     shards = [None if s is None else problem.spec.build(s) for s in trained.original]
     seconds = 0.0
     sharding = SISAConfig(
@@ -192,9 +201,20 @@ def apply_method(problem: Problem, method: str, config, seed: int, seed_index: i
             continue
         data = UnlearningData(forget=f_s, retain=r_s, request=problem.request,
                               validation=problem.test, extra=problem.extra)
-        res = run_method(method, shards[s], data, config, seed=seed, threads=1)
-        shards[s], seconds = res.model, seconds + res.seconds
+        res = run_method(method, shards[s], data, config, seed=seed, threads=1, device=device)
+        shards[s], seconds = res.model.to("cpu"), seconds + res.seconds
     return SoftVote(shards, regression=problem.retain.task == "regression").eval(), seconds
+
+
+def _on_cpu(hook: Callable[[nn.Module, int], None]) -> Callable[[nn.Module, int], None]:
+    """The observer sees a CPU copy of a model that trains on another device (scoring runs on
+    the CPU, and the training model must not move under its optimiser)."""
+
+    def observe(model: nn.Module, epoch: int) -> None:
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        hook(model if on_cpu else copy.deepcopy(model).to("cpu"), epoch)
+
+    return observe
 
 
 def score(problem: Problem, model: nn.Module, seconds: float, seed_index: int = 0,

@@ -1,51 +1,114 @@
-"""``sisa-ray compare``: approximate unlearning methods on Ray Tune against the exact path."""
+"""``sisa-ray compare``: approximate unlearning methods on Ray Tune against the exact path.
+
+Every method runs as trials of one Tune experiment, so there is no in-process backend: the
+command offers no ``--backend``. Resources are per trial (``--cpus-per-trial``,
+``--gpus-per-trial``); ``--max-concurrent`` bounds the trials and the per-seed tasks running at
+once. A preset (``--preset f32``) fills in every option the command line leaves out.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
+from pathlib import Path
+
 from ..core.config import MODELS
-from .common import _add_common, _emit, _status_printer
+from .common import _add_common, _emit, _status_printer, positive_int
+
+# the options a preset may set, and their type on the command line
+_OPTIONS = {
+    "dataset": str, "data_dir": str, "forget": str, "methods": str, "target": str, "model": str,
+    "epochs": positive_int, "batch_size": positive_int, "lr": float, "hidden": positive_int,
+    "shards": positive_int, "slices": positive_int, "num_samples": positive_int, "search": str,
+    "scheduler": str, "seeds": positive_int, "max_train": positive_int, "seed": int,
+    "mlflow_uri": str, "experiment": str, "out": str, "cpus_per_trial": float,
+    "gpus_per_trial": float, "max_concurrent": positive_int,
+}
+
+
+def config_from_args(args) -> object:
+    """The :class:`~tune.compare.CompareConfig`: the dataclass defaults, then the preset, then
+    every option given on the command line."""
+    from tune.config import PRESETS, CompareConfig
+
+    values = dict(PRESETS[args.preset]) if args.preset else {}
+    for name in _OPTIONS:
+        given = getattr(args, name)
+        if given is not None:
+            values[name] = given
+    if isinstance(values.get("methods"), str):
+        values["methods"] = tuple(m.strip() for m in values["methods"].split(",") if m.strip())
+    if args.download:
+        values["download"] = True
+    if values.get("out") is None:
+        values["out"] = tempfile.mkdtemp(prefix="sisa-compare-")
+    values["out"] = str(Path(values["out"]).resolve())
+    return CompareConfig(address=args.address, **values)
 
 
 def cmd_compare(args) -> int:
-    from tune.compare import CompareConfig, run_comparison
+    from tune.compare import run_comparison
     from tune.report import to_markdown
 
-    cfg = CompareConfig(
-        dataset=args.dataset, data_dir=args.data_dir, download=args.download,
-        forget=args.forget, methods=tuple(args.methods.split(",")), target=args.target,
-        model=args.model, epochs=args.epochs, shards=args.shards, slices=args.slices,
-        num_samples=args.num_samples, search=args.search, seeds=args.seeds,
-        max_train=args.max_train, mlflow_uri=args.mlflow_uri, experiment=args.experiment,
-        address=args.address, out=args.out, seed=args.seed,
-    )
+    cfg = config_from_args(args)
+    verbose = bool(getattr(args, "verbose", False))
     say = _status_printer(args)
-    result = run_comparison(cfg, say=say)
-    rows = [{k: v for k, v in r.items()} for r in result["rows"]]
-    _emit(args, {**result, "rows": rows}, to_markdown(rows))
+    result = run_comparison(cfg, say=say, verbose=verbose)
+    _emit(args, {**result, "config": dataclasses.asdict(cfg)}, to_markdown(result["rows"]))
     return 0
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("compare", help="approximate methods vs exact unlearning, on Ray Tune")
-    _add_common(p, store=False)
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--download", action="store_true")
-    p.add_argument("--forget", default="random:0.1",
-                   help="random:FRACTION | class:LABEL | subclass:LABEL:FRACTION | ids:FILE")
-    p.add_argument("--methods", default="all", help="'all' or a comma-separated list")
-    p.add_argument("--target", choices=["monolith", "sisa"], default="monolith")
-    p.add_argument("--model", default="mlp", choices=list(MODELS))
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--slices", type=int, default=2)
-    p.add_argument("--num-samples", type=int, default=4, help="Tune trials per method")
-    p.add_argument("--search", choices=["random", "grid", "optuna"], default="random")
-    p.add_argument("--seeds", type=int, default=3, help="seeds for the best config of each method")
-    p.add_argument("--max-train", type=int, default=None, help="subsample the training split")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mlflow-uri", default=None,
-                   help="tracking URI (default: sqlite:///$PWD/mlflow.db)")
-    p.add_argument("--experiment", default="sisa-ray-compare")
-    p.add_argument("--out", default=None, help="directory for the table and plots")
+    from tune.config import PRESETS, CompareConfig  # light: no torch, no Ray
+
+    d = {f.name: f.default for f in dataclasses.fields(CompareConfig)}
+
+    p = sub.add_parser(
+        "compare", help="approximate methods vs exact unlearning, one parallel Ray Tune experiment",
+        description="Every approximate method as trials of one Ray Tune experiment, against the "
+                    "exact SISA deletion and the naive retrain; results to MLflow as trials end.")
+    _add_common(p, store=False, backend=False, resources=False)
+
+    def opt(flag: str, help: str, **kw) -> None:
+        name = flag[2:].replace("-", "_")
+        default = d.get(name)
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        told = f" (default: {shown}, or the preset's)" if default is not None else ""
+        p.add_argument(flag, type=_OPTIONS[name], default=None, help=help + told, **kw)
+
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="f32: 32 seeds of every model on digits, every method, sized for two "
+                        "CPU cores; options given here override it")
+    opt("--dataset", "digits, diabetes, fashion_mnist, mnist, cifar10, ... ")
+    opt("--data-dir", "where the dataset's files are")
+    p.add_argument("--download", action="store_true", default=None,
+                   help="let torchvision download a dataset that is not on disk")
+    opt("--forget", "random:FRACTION | class:LABEL | subclass:LABEL:FRACTION | ids:FILE")
+    opt("--methods", "'all' or a comma-separated list of methods")
+    opt("--target", "monolith: one model; sisa: a SISA ensemble, unlearned shard by shard",
+        choices=["monolith", "sisa"])
+    opt("--model", "model architecture", choices=list(MODELS))
+    opt("--epochs", "training epochs of the original and gold models")
+    opt("--batch-size", "training batch size")
+    opt("--lr", "training learning rate")
+    opt("--hidden", "hidden width of the MLP")
+    opt("--shards", "SISA shards")
+    opt("--slices", "SISA slices per shard")
+    opt("--num-samples", "Tune trials per method (random and Optuna search)")
+    opt("--search", "how Tune samples each method's space", choices=["random", "grid", "optuna"])
+    opt("--scheduler", "asha: stop a method's hopeless trials early (per epoch); fifo: never",
+        choices=["asha", "fifo"])
+    opt("--seeds", "seeds: original, gold and unlearned models per seed, as parallel Ray tasks; "
+                   "the forgetting quality needs 2 or more")
+    opt("--max-train", "subsample the training split to this many samples")
+    opt("--seed", "seed of the data split and of the search")
+    opt("--mlflow-uri", "MLflow tracking URI; else MLFLOW_TRACKING_URI, else "
+                        "sqlite:///$PWD/mlflow.db")
+    opt("--experiment", "MLflow experiment name")
+    opt("--out", "directory for the table, plots and Tune's files (else a new temporary one)")
+    opt("--cpus-per-trial", "CPUs each Tune trial and each per-seed rerun reserves")
+    opt("--gpus-per-trial", "GPUs (or a share) each Tune trial and rerun reserves; above 0 they "
+                            "unlearn on CUDA")
+    opt("--max-concurrent", "trials (and per-seed tasks) running at once; else as many as the "
+                            "cluster's resources allow")
     p.set_defaults(func=cmd_compare)
