@@ -195,3 +195,30 @@ def test_worker_refuses_a_replaced_backbone(split, backbone, tmp_path):
     ens.store_.write_bytes(BACKBONE_FILE, other)
     with pytest.raises(StoreError, match="the backbone was replaced"):
         ShardWorker(ens.store_.uri)
+
+
+def test_cli_pretrain_train_delete(tmp_path, capsys):
+    import json
+
+    from sisa_ray.cli import main
+    from sisa_ray.datasets import load_digits
+
+    bb_path = str(tmp_path / "bb.pt")
+    code = main(["pretrain", "--dataset", "digits", "--public", "400", "--model", "mlp",
+                 "--epochs", "1", "--hidden", "16", "--out", bb_path, "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["n_public"] == 400
+    with open(bb_path, "rb") as fh:
+        blob = fh.read()
+    assert out["sha256"] == hashlib.sha256(blob).hexdigest()
+    public = load_backbone(blob, bb_path).public_ids
+    store = str(tmp_path / "store")
+    code = main(["train", "--store", store, "--backend", "local", "--json", "--dataset", "digits",
+                 "--backbone", bb_path, "--shards", "2", "--slices", "2", "--epochs", "1"])
+    res = json.loads(capsys.readouterr().out)
+    assert code == 0
+    # the public samples were held out of the training set
+    assert sum(s["n_samples"] for s in res["shards"]) == len(load_digits()[0]) - 400
+    code = main(["delete", "--store", store, "--backend", "local", "--ids", str(public[0])])
+    err = capsys.readouterr().err
+    assert code == 2 and f"[{public[0]}]" in err and "public set" in err

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 from ..core.store import StoreError
-from . import bench, compare, store
+from . import bench, compare, pretrain, store
 from .common import (  # noqa: F401  (public to tests)
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -56,6 +56,7 @@ def build_parser() -> Parser:
     store.add_parsers(sub)
     compare.add_parsers(sub)
     bench.add_parsers(sub)
+    pretrain.add_parsers(sub)
     for p in sub.choices.values():
         add_output_options(p)
     return parser

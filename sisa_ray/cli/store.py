@@ -22,6 +22,7 @@ from .common import (
     _progress,
     _status_printer,
 )
+from .pretrain import add_train_options, train_inputs
 
 # -- commands ---------------------------------------------------------------------------------------
 
@@ -52,6 +53,7 @@ def cmd_train(args) -> int:
             n_classes=args.n_classes, device=args.device, cpu_capability=args.cpu_capability,
         ),
     )
+    train, config = train_inputs(args, train, config)
     if not args.json and not args.quiet:
         size = f"{len(train)} train, " if hasattr(train, "__len__") else ""
         print(
@@ -61,7 +63,8 @@ def cmd_train(args) -> int:
             file=sys.stderr,
         )
     t0 = time.perf_counter()
-    ens = SISAEnsemble(config, store=args.store, **_ensemble_kwargs(args)).fit(
+    ens = SISAEnsemble(config, store=args.store, backbone=args.backbone,
+                       **_ensemble_kwargs(args)).fit(
         train, test, progress=_progress(args, "train", announce=True)
     )
     wall = time.perf_counter() - t0
@@ -402,6 +405,7 @@ def add_parsers(sub) -> None:
                    choices=["default", "avx2", "avx512", "zvector", "vsx", "sve128", "sve256"],
                    help="PyTorch CPU kernels every shard uses (ATEN_CPU_CAPABILITY); default: "
                         "what this machine uses. Recorded and pinned on every worker")
+    add_train_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("delete", help="unlearn samples exactly")
