@@ -6,8 +6,9 @@ sharded. Features are scaled by fixed constants only (see :mod:`sisa_ray.core.da
 
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits (always available offline);
   a fixed stratified 80/20 split.
-* ``fashion-mnist``: IDX files from ``data_dir``, or the Debian package ``dataset-fashion-mnist``,
-  or torchvision's download when ``download=True``.
+* ``fashion-mnist``: IDX files (plain or ``.gz``) from ``data_dir``, or the Debian package
+  ``dataset-fashion-mnist``, read by torchvision's ``FashionMNIST``; or torchvision's download
+  when ``download=True``.
 * ``mnist``, ``cifar10``: torchvision datasets under ``data_dir`` (``download=True`` to fetch).
 * ``parquet:PATH``: columns ``id`` (int64, unique), ``label`` (int64), ``features``
   (list<float32>, all the same length).
@@ -15,9 +16,7 @@ sharded. Features are scaled by fixed constants only (see :mod:`sisa_ray.core.da
 
 from __future__ import annotations
 
-import gzip
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -77,28 +76,50 @@ def load_diabetes() -> tuple[SampleSet, SampleSet]:
     )
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (plain or ``.gz``) as used by MNIST and Fashion-MNIST."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path} is not an IDX file (bad magic number).")
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if raw[2] not in dtypes:
-        raise ValueError(f"{path}: unknown IDX element type 0x{raw[2]:02x}.")
-    ndim = raw[3]
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    dtype = np.dtype(dtypes[raw[2]])
-    body = raw[4 + 4 * ndim:]
-    expected = int(np.prod(dims)) * dtype.itemsize
-    if len(body) != expected:
-        raise ValueError(
-            f"{path} is truncated: expected {expected} data bytes for shape {dims}, "
-            f"found {len(body)}."
-        )
-    return np.frombuffer(body, dtype=dtype).reshape(dims)
+def read_fashion_mnist_files(files: dict[str, Path]) -> dict[str, np.ndarray]:
+    """Read the four Fashion-MNIST IDX files (plain or ``.gz``, any of the names
+    :func:`_find_idx` accepts) with torchvision's ``FashionMNIST`` reader.
+
+    torchvision reads plain files named as in the official release from
+    ``<root>/FashionMNIST/raw``: a scratch root is laid out that way, with links to plain files
+    and ``.gz`` files decompressed by torchvision's ``extract_archive``; the files given are
+    never changed. A truncated or corrupt file raises ``ValueError`` naming it.
+    """
+    import tempfile
+
+    from torchvision.datasets import FashionMNIST
+    from torchvision.datasets.utils import extract_archive
+
+    with tempfile.TemporaryDirectory(prefix="sisa-ray-fashion-mnist-") as root:
+        raw = Path(root) / "FashionMNIST" / "raw"
+        staging = Path(root) / "staging"
+        raw.mkdir(parents=True)
+        staging.mkdir()
+        for key, path in files.items():
+            target = raw / _FASHION_FILES[key]
+            if path.suffix == ".gz":
+                os.replace(extract_archive(str(path), str(staging)), target)
+            else:
+                target.symlink_to(path.resolve())
+        out = {}
+        for train in (True, False):
+            split = "train" if train else "test"
+            try:
+                ds = FashionMNIST(root, train=train, download=False)
+            except (AssertionError, RuntimeError, TypeError, ValueError) as e:
+                names = [str(files[f"{split}_images"]), str(files[f"{split}_labels"])]
+                raise ValueError(
+                    f"{names} are not valid Fashion-MNIST IDX files (truncated or corrupt: "
+                    f"{e or type(e).__name__}). Fetch them again."
+                ) from None
+            if len(ds.data) != len(ds.targets):
+                raise ValueError(
+                    f"{files[f'{split}_images']} has {len(ds.data)} images but "
+                    f"{files[f'{split}_labels']} has {len(ds.targets)} labels: a file is "
+                    "truncated or from another release. Fetch them again."
+                )
+            out[f"{split}_images"], out[f"{split}_labels"] = ds.data.numpy(), ds.targets.numpy()
+    return out
 
 
 def _find_idx(directory: Path, stem: str) -> Path | None:
@@ -123,7 +144,7 @@ def load_fashion_mnist(
     for d in fashion_mnist_dirs(data_dir):
         found = {k: _find_idx(d, v) for k, v in _FASHION_FILES.items()}
         if all(found.values()):
-            arrays = {k: read_idx(p) for k, p in found.items()}
+            arrays = read_fashion_mnist_files(found)
             return _images_to_sets(
                 arrays["train_images"], arrays["train_labels"], arrays["test_images"],
                 arrays["test_labels"], "fashion-mnist",

@@ -9,7 +9,6 @@ import pytest
 from sisa_ray.datasets import (
     load_dataset,
     load_fashion_mnist,
-    read_idx,
     read_parquet,
     write_parquet,
 )
@@ -25,32 +24,58 @@ def write_idx(path, arr: np.ndarray, gz: bool):
         path.write_bytes(blob)
 
 
-@pytest.mark.parametrize("gz", [False, True])
-def test_fashion_mnist_from_idx_files(tmp_path, gz):
+def write_fashion_files(directory, gz: bool, names=None, n_train=12, n_test=5):
+    """Four tiny Fashion-MNIST IDX files in the release format; returns what they hold."""
     rng = np.random.default_rng(0)
-    xtr = rng.integers(0, 256, (12, 28, 28))
-    ytr = np.arange(12) % 10
-    xte = rng.integers(0, 256, (5, 28, 28))
-    yte = np.arange(5)
-    suffix = ".gz" if gz else ""
-    write_idx(tmp_path / f"train-images-idx3-ubyte{suffix}", xtr, gz)
-    write_idx(tmp_path / f"train-labels-idx1-ubyte{suffix}", ytr, gz)
-    write_idx(tmp_path / f"t10k-images-idx3-ubyte{suffix}", xte, gz)
-    write_idx(tmp_path / f"t10k-labels-idx1-ubyte{suffix}", yte, gz)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte": np.arange(n_train) % 10,
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte": np.arange(n_test)[::-1] % 10,
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    for stem, arr in arrays.items():
+        name = (names or {}).get(stem, stem) + (".gz" if gz else "")
+        write_idx(directory / name, arr, gz)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("layout", ["flat", "torchvision", "dotted"])
+def test_fashion_mnist_from_idx_files(tmp_path, gz, layout):
+    directory = tmp_path / "FashionMNIST" / "raw" if layout == "torchvision" else tmp_path
+    names = ({s: s.replace("-idx", ".idx") for s in ("train-images-idx3-ubyte",
+              "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+             if layout == "dotted" else None)
+    arrays = write_fashion_files(directory, gz, names)
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
     train, test = load_fashion_mnist(str(tmp_path))
     assert train.features.shape == (12, 1, 28, 28) and test.features.shape == (5, 1, 28, 28)
-    assert train.ids.tolist() == list(range(12))
-    np.testing.assert_allclose(train.features[3, 0], xtr[3] / 255.0, rtol=1e-6)
-    assert train.labels.tolist() == ytr.tolist()
+    assert train.ids.tolist() == list(range(12)) and test.ids.tolist() == list(range(5))
+    np.testing.assert_array_equal(train.features[:, 0],
+                                  (arrays["train-images-idx3-ubyte"] / 255.0).astype(np.float32))
+    np.testing.assert_array_equal(test.features[:, 0],
+                                  (arrays["t10k-images-idx3-ubyte"] / 255.0).astype(np.float32))
+    assert train.labels.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
+    assert test.labels.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
     assert train.n_classes == 10
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before  # read, never changed
 
 
-def test_truncated_idx_is_reported(tmp_path):
-    p = tmp_path / "x-idx1-ubyte"
-    write_idx(p, np.arange(10), gz=False)
+@pytest.mark.parametrize("stem", ["train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])
+def test_truncated_idx_is_reported(tmp_path, stem):
+    write_fashion_files(tmp_path, gz=False)
+    p = tmp_path / stem
     p.write_bytes(p.read_bytes()[:-3])
-    with pytest.raises(ValueError, match="truncated"):
-        read_idx(p)
+    with pytest.raises(ValueError, match=f"{stem}.*truncated"):
+        load_fashion_mnist(str(tmp_path))
+
+
+def test_images_and_labels_of_different_lengths_are_refused(tmp_path):
+    write_fashion_files(tmp_path, gz=False)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(11) % 10, gz=False)
+    with pytest.raises(ValueError, match="12 images but .* 11 labels"):
+        load_fashion_mnist(str(tmp_path))
 
 
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
