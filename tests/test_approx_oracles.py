@@ -578,3 +578,28 @@ def test_adversarial_step_by_formula():
     _assert_model(out.model, *right, atol=1e-5)
     flipped = expected(1.0)
     assert np.abs(flipped[0] - right[0]).max() > 1e-3
+
+
+def test_finetune_descends_the_retain_loss_only_by_hand():
+    from approx import run_method
+
+    c, lr = 3, 0.5
+    model, data, _, (xr, yr) = _one_batch_problem(4, 6, c, 16)
+    w, b = _params(model)
+    cfg = _config("finetune", lr=lr, schedule="none", **SGD_ONE_BATCH)
+    out = run_method("finetune", model, data, cfg)
+    _assert_model(out.model, *_step(w, b, xr, _ce_grad_logits(w, b, xr, yr, c), lr))
+
+
+def test_pbu_first_step_lowers_the_forget_likelihood_by_hand():
+    """At theta = theta* the Fisher and L2 terms have zero gradient, so the first step is plain
+    descent on alpha * mean log p(y_f | x_f), i.e. ascent on the forget cross-entropy."""
+    from approx import run_method
+
+    c, lr, alpha = 3, 0.5, 2.0
+    model, data, (xf, yf), _ = _one_batch_problem(5, 3, c, 17, request=ClassForget(label=1))
+    yf = np.ones(len(xf), dtype=np.int64)
+    data = type(data)(forget=_samples(xf, yf, c, 1000), retain=data.retain, request=data.request)
+    w, b = _params(model)
+    out = run_method("pbu", model, data, _config("pbu", lr=lr, alpha=alpha, **SGD_ONE_BATCH))
+    _assert_model(out.model, *_step(w, b, xf, -alpha * _ce_grad_logits(w, b, xf, yf, c), lr))
