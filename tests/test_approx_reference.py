@@ -16,6 +16,7 @@ from torch import nn
 
 from approx import SubclassForget, run_method
 from approx.methods import fisher_masking as fm
+from approx.methods import twin_mu as tm
 from sisa_ray.core.data import SampleSet
 from sisa_ray.core.training import deterministic_torch, seeded
 from sisa_ray.models import build_model
@@ -186,3 +187,123 @@ def test_fisher_masking_repairs_on_the_whole_retain_set(monkeypatch, mlp_problem
     assert seen["n"] == len(data.retain)
     assert (seen["cfg"].batch_size, seen["cfg"].lr, seen["cfg"].momentum,
             seen["cfg"].weight_decay) == (128, 0.1, 0.9, 1e-4)
+
+
+# --- Twin MU: rules of abc321123444/TWIN-unlearning where the paper is silent ----------------
+
+SMALL_TWIN = dict(twin_epochs=2, curriculum_epochs=1, classifier_epochs=5, epochs=1)
+
+
+def test_twin_forget_set_keeps_the_forget_ratio(mlp_problem):
+    _, data = mlp_problem
+    full, rng = data.full(), np.random.default_rng(0)
+    n, m = len(full), len(data.forget)  # 300, 30
+    twin_train, twin_forget = tm.twin_problem(full, data.forget, data.extra, data.request, rng)
+    assert len(twin_forget) == round(m * n / (n - m)) == 33 and len(twin_train) == n
+    assert not set(twin_forget.ids) & set(full.ids)
+    short = data.extra.take(np.arange(10))  # too few: all 10, and 90 training rows beside them
+    twin_train, twin_forget = tm.twin_problem(full, data.forget, short, data.request, rng)
+    assert (len(twin_forget), len(twin_train)) == (10, 90)
+    assert len(twin_forget) / (len(twin_forget) + len(twin_train)) == pytest.approx(m / n)
+    sub = SubclassForget(label=3, fraction=0.5)
+    _, twin_forget = tm.twin_problem(full, data.forget, data.extra, sub, rng)
+    assert set(twin_forget.labels) == {3}
+
+
+def test_adversarial_feature_uses_the_clean_logits_as_soft_target():
+    model = nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [0.0, 1.0, -1.0]]))
+        model.bias.copy_(torch.tensor([0.2, -0.1]))
+    x = np.array([[0.5, 0.1, -0.3], [1.0, 1.0, 1.0]], dtype=np.float32)
+    y = np.array([0, 1])
+    s = SampleSet(ids=np.arange(2), features=x, labels=y, n_classes=2)
+    w, b = model.weight.detach().double().numpy(), model.bias.detach().double().numpy()
+    eps = 0.3
+    z = x.astype(np.float64) @ w.T + b
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    grad_x = (p - np.eye(2)[y]) @ w  # d CE / dx, per row (the batch mean only rescales)
+    adv = x + eps / 3 * np.sign(grad_x)  # one PGD step, inside the eps ball
+    za = adv @ w.T + b
+    log_pa = za - np.log(np.exp(za).sum(1, keepdims=True))
+    expected = -(z * log_pa).sum(1)
+    np.testing.assert_allclose(tm.adversarial_feature(model, s, eps, 1, CPU), expected, rtol=1e-5)
+    # a probability target would give another value on the same numbers
+    assert not np.allclose(expected, -(p * log_pa).sum(1), rtol=1e-3)
+
+
+def test_scale_features_clips_at_1_5_iqr_then_min_max():
+    f = np.array([[0.0, 5.0], [1.0, 5.0], [2.0, 5.0], [3.0, 5.0], [100.0, 5.0]])
+    # quartiles 1 and 3: upper bound 3 + 1.5 * 2 = 6; a constant column scales to 0
+    np.testing.assert_allclose(tm.scale_features(f)[:, 0], [0, 1 / 6, 2 / 6, 3 / 6, 1])
+    np.testing.assert_allclose(tm.scale_features(f)[:, 1], 0.0)
+
+
+def test_generalization_labels_easy_where_the_model_is_right(mlp_problem):
+    model, data = mlp_problem
+    with torch.no_grad():
+        pred = model(torch.from_numpy(data.extra.features.astype(np.float32))).argmax(1).numpy()
+    easy = tm.generalization_labels(model, data.extra, CPU)
+    assert 0 < easy.sum() < len(easy)
+    np.testing.assert_array_equal(easy == tm.EASY, pred == data.extra.labels)
+
+
+def test_unlearning_labels_change_the_hard_samples_only():
+    labels = np.array([0, 1, 2, 3, 4, 5, 6, 7])
+    easy = np.array([1, 0, 1, 0, 0, 1, 0, 1])
+    out = tm.unlearning_labels(labels, easy, 10, np.random.default_rng(0))
+    assert (out[easy == tm.EASY] == labels[easy == tm.EASY]).all()
+    assert (out[easy == tm.HARD] != labels[easy == tm.HARD]).all()
+    assert out.min() >= 0 and out.max() < 10
+
+
+def test_twin_mu_pipeline_follows_the_reference(monkeypatch, mlp_problem):
+    model, data = mlp_problem
+    calls, seen = [], {}
+    real_train, real_clf, real_predict = tm.train, tm.train_classifier, tm.predict_easy
+
+    def spy_train(m, x, y, r, loss, cfg, device, seed):
+        calls.append({"x": x.copy(), "y": y.copy(), "r": r.copy(),
+                      "fresh": not torch.equal(m.net[1].weight, model.net[1].weight)})
+        return real_train(m, x, y, r, loss, cfg, device, seed)
+
+    def spy_clf(f, easy, config, seed):
+        seen["twin_f"], seen["twin_easy"] = f, easy
+        return real_clf(f, easy, config, seed)
+
+    def fixed_predict(clf, f):
+        seen["real_f"] = f
+        real_predict(clf, f)
+        return np.arange(len(f)) % 2  # every other sample easy
+
+    monkeypatch.setattr(tm, "train", spy_train)
+    monkeypatch.setattr(tm, "train_classifier", spy_clf)
+    monkeypatch.setattr(tm, "predict_easy", fixed_predict)
+    cfg = tm.TwinMUConfig(**SMALL_TWIN)
+    assert cfg.features == ("distance", "curriculum")  # the code's default pair
+    run_method("twin_mu", model, data, cfg, seed=0)
+    twin_call, curriculum_call, unlearn_call = calls
+    full = data.full()
+    # the twin model trains on the training set plus the twin forget set
+    assert len(twin_call["y"]) == len(full) + (twin_call["r"] == 1).sum()
+    # the curriculum model starts afresh and sees the original training set only
+    assert curriculum_call["fresh"] and len(curriculum_call["y"]) == len(full)
+    np.testing.assert_array_equal(np.sort(curriculum_call["y"]), np.sort(full.labels))
+    # generalization labels of the twin forget set: the original model's correctness
+    twin_x = twin_call["x"][twin_call["r"] == 1]
+    with torch.no_grad():
+        pred = model(torch.from_numpy(twin_x)).argmax(1).numpy()
+    np.testing.assert_array_equal(seen["twin_easy"] == tm.EASY,
+                                  pred == twin_call["y"][twin_call["r"] == 1])
+    # twin and real features are each scaled on their own: both span [0, 1] per column
+    for f in (seen["twin_f"], seen["real_f"]):
+        assert f.shape[1] == 2
+        np.testing.assert_allclose(f.min(0), 0.0)
+        np.testing.assert_allclose(f.max(0), 1.0)
+    # unlearning: retain as is, easy forget samples keep their label, hard ones lose it
+    forget_rows = unlearn_call["r"] == 1
+    np.testing.assert_array_equal(unlearn_call["y"][~forget_rows], data.retain.labels)
+    got = unlearn_call["y"][forget_rows]
+    easy = np.arange(len(data.forget)) % 2 == 1
+    np.testing.assert_array_equal(got[easy], data.forget.labels[easy])
+    assert (got[~easy] != data.forget.labels[~easy]).all()
