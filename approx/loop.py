@@ -62,7 +62,7 @@ class LoopConfig:
         check_number(owner, "momentum", self.momentum, 0.0)
         check_number(owner, "weight_decay", self.weight_decay, 0.0)
         check_int(owner, "batch_size", self.batch_size, 1)
-        check_choice(owner, "schedule", self.schedule, ("none", "cosine"))
+        check_choice(owner, "schedule", self.schedule, ("none", "cosine", "cosine_epoch"))
 
 
 def stack(*parts: tuple[SampleSet, np.ndarray | int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -107,8 +107,9 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     opt = make_optimizer(model, cfg)
     steps = cfg.epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cfg.schedule == "cosine" \
-        else None
+    # "cosine" anneals per step; "cosine_epoch" per epoch, as some reference code does
+    sched = None if cfg.schedule == "none" else torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, steps if cfg.schedule == "cosine" else cfg.epochs)
     model.train()
     for epoch in range(cfg.epochs):
         perm = torch.randperm(n, generator=gen).to(device)
@@ -120,8 +121,10 @@ def train(
             loss = batch_loss(model, x[idx], y[idx], r[idx])
             loss.backward()
             opt.step()
-            if sched is not None:
+            if cfg.schedule == "cosine":
                 sched.step()
+        if cfg.schedule == "cosine_epoch":
+            sched.step()
         if (hook := _EPOCH_END.get()) is not None:
             model.eval()
             hook(model, epoch + 1)
