@@ -1,17 +1,22 @@
-"""tune/: the objective, the search spaces, the problem, and a whole tiny comparison on Ray Tune
-with MLflow in a temporary SQLite store."""
+"""tune/: the objective, the search spaces of the one experiment, the per-method scheduler, the
+table and its spreads, MLflow tracking while trials run, the compare command's options, and a
+whole tiny comparison on Ray Tune with MLflow in a temporary SQLite store."""
 
 from __future__ import annotations
 
+import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from approx import RandomForget, get_method, list_methods, split_forget
+from approx.loop import RETAIN, LoopConfig, cross_entropy, on_epoch_end, stack, train
 from tune.objective import alignment
 from tune.problem import ModelSpec, Problem, apply_method, score, train_seed
-from tune.spaces import SPACES, config_from, space_for
+from tune.spaces import SPACES, config_from, experiment_space, optuna_space, space_for, trial_point
 
 
 def test_alignment_hand_values():
@@ -24,22 +29,279 @@ def test_alignment_hand_values():
         alignment({"forget_gap": 0, "retain_gap": 0, "test_gap": 0})
 
 
+# -- search spaces -----------------------------------------------------------------------------
+
+
 def test_every_method_has_a_valid_space_around_its_defaults():
+    from ray.tune.search.sample import Categorical
+
     assert set(SPACES) == set(list_methods())
     for name in list_methods():
         space = space_for(name)
         defaults = get_method(name).default_config()
-        for param, ((kind, *args), grid) in space.items():
+        for param, (domain, grid) in space.items():
             cfg = config_from(name, {param: grid[0]})  # grid values build valid configs
             assert getattr(cfg, param) == grid[0]
-            value = getattr(defaults, param)
-            if kind in ("loguniform", "uniform"):
-                assert args[0] <= value <= args[1], f"{name}.{param} default outside its space"
+            if not isinstance(domain, Categorical):
+                value = getattr(defaults, param)
+                assert domain.lower <= value <= domain.upper, f"{name}.{param} default outside"
+            for v in grid:  # the grid lies inside the random space
+                if isinstance(domain, Categorical):
+                    assert v in domain.categories, f"{name}.{param}={v} not a category"
+                else:
+                    assert domain.lower <= v <= domain.upper, f"{name}.{param}={v} outside"
     with pytest.raises(ValueError, match="Unknown parameter"):
         config_from("ssd", {"alpah": 3})
     for name in ("finetune", "random_labels"):
         for param, (_, grid) in space_for(name, "regression").items():
             assert getattr(config_from(name, {param: grid[0]}), param) == grid[0]
+
+
+def test_one_experiment_space_has_the_method_as_a_dimension():
+    from ray.tune.search.sample import Domain
+
+    space = experiment_space(["ssd", "finetune"], "classification", "random")
+    assert space["method"] == {"grid_search": ["ssd", "finetune"]}
+    assert set(space["ssd"]) == {"alpha", "lam"} and set(space["finetune"]) == {"lr", "epochs"}
+    assert all(isinstance(d, Domain) for d in space["ssd"].values())
+    # a resolved trial reads only its own method's sub-dict
+    resolved = {"method": "ssd", "ssd": {"alpha": 3.0, "lam": 0.5}, "finetune": {"lr": 0.1}}
+    assert trial_point(resolved) == ("ssd", {"alpha": 3.0, "lam": 0.5})
+
+    grid = experiment_space(["ssd", "finetune"], "classification", "grid")
+    points = grid["point"]["grid_search"]
+    # ssd: alpha 3 values x lam 2 values; finetune: lr 2 values x epochs 1 value; no cross terms
+    assert len(points) == 3 * 2 + 2 * 1
+    assert sum(p["method"] == "ssd" for p in points) == 6
+    assert {"method": "finetune", "finetune": {"lr": 0.02, "epochs": 5}} in points
+    assert trial_point({"point": points[0]}) == ("ssd", {"alpha": 5.0, "lam": 0.5})
+    assert trial_point({"method": "fisher_forgetting"}) == ("fisher_forgetting", {})
+
+
+def test_optuna_space_suggests_only_the_chosen_methods_parameters():
+    calls = []
+
+    class Trial:
+        def suggest_categorical(self, name, choices):
+            calls.append(("cat", name, tuple(choices)))
+            return "ssd" if name == "method" else choices[0]
+
+        def suggest_float(self, name, low, high, log=False):
+            calls.append(("float", name, low, high, log))
+            return low
+
+    optuna_space(["finetune", "ssd"], "classification")(Trial())
+    assert calls == [("cat", "method", ("finetune", "ssd")),
+                     ("float", "ssd/alpha", 1.0, 100.0, True),
+                     ("float", "ssd/lam", 0.1, 1.0, False)]
+
+
+# -- the scheduler -----------------------------------------------------------------------------
+
+
+def test_asha_stops_a_trial_only_against_its_own_method():
+    """Reward is -alignment. At the first rung (epoch 1) a trial is stopped when its reward is
+    below the 50th percentile (reduction factor 2) of the rewards its method recorded there."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from tune.ray_compat import PerMethodASHA
+
+    def trial(tid, method):
+        return SimpleNamespace(trial_id=tid, config={"method": method})
+
+    def feed(sched, t, value):
+        return sched.on_trial_result(None, t, {"training_iteration": 1, "alignment": value})
+
+    sched = PerMethodASHA(lambda c: c["method"], grace_period=1, reduction_factor=2)
+    sched.set_search_properties("alignment", "min")
+    a1, b1, a2, a3 = trial("a1", "a"), trial("b1", "b"), trial("a2", "a"), trial("a3", "a")
+    for t in (a1, b1, a2, a3):
+        sched.on_trial_add(None, t)
+    assert feed(sched, a1, 0.1) == TrialScheduler.CONTINUE  # nothing recorded yet
+    # b's first trial is far worse than a's, but b has recorded nothing: it goes on
+    assert feed(sched, b1, 0.5) == TrialScheduler.CONTINUE
+    # a2 is behind a1 (cutoff = -0.1): stopped
+    assert feed(sched, a2, 0.5) == TrialScheduler.STOP
+    # a3 beats the median of a's rewards [-0.1, -0.5] (-0.3): goes on
+    assert feed(sched, a3, 0.2) == TrialScheduler.CONTINUE
+
+    # one ASHA over every trial would have stopped b1 because of a1
+    single = ASHAScheduler(metric="alignment", mode="min", grace_period=1, reduction_factor=2,
+                           max_t=10**9, stop_last_trials=False)
+    for t in (a1, b1):
+        single.on_trial_add(None, t)
+    assert feed(single, a1, 0.1) == TrialScheduler.CONTINUE
+    assert feed(single, b1, 0.5) == TrialScheduler.STOP
+
+
+def test_tune_bookkeeping_is_not_a_measurement():
+    from tune.ray_compat import measurements
+
+    result = {"alignment": 0.2, "forget_acc": 1.0, "pid": 123, "timestamp": 1.7e9,
+              "time_this_iter_s": 0.5, "training_iteration": 3, "done": True,
+              "trial_id": "x", "date": "today", "time_total_s": 2.0}
+    assert measurements(result) == {"alignment": 0.2, "forget_acc": 1.0}
+
+
+# -- the epoch observer the per-epoch reports rely on --------------------------------------------
+
+
+def test_epoch_observer_sees_every_epoch_and_changes_no_weight(tiny):
+    train_set, _ = tiny
+    x, y, r = stack((train_set.take(np.arange(64)), RETAIN))
+    cfg = LoopConfig(epochs=3, lr=0.01, batch_size=16)
+
+    def fit(hook):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.ReLU(),
+                                    torch.nn.Linear(8, 10))
+        with on_epoch_end(hook):
+            train(model, x, y, r, cross_entropy, cfg, torch.device("cpu"), seed=0)
+        return model
+
+    seen = []
+
+    def hook(model, epoch):
+        seen.append((epoch, model.training))
+        model(torch.zeros(1, 8, 8))  # a forward pass, as scoring does
+
+    observed, plain = fit(hook), fit(None)
+    assert seen == [(1, False), (2, False), (3, False)]
+    for a, b in zip(observed.state_dict().values(), plain.state_dict().values()):
+        assert torch.equal(a, b)
+    fit(None)
+    assert len(seen) == 3  # outside the block nothing is observed
+
+
+# -- the table: spreads, F and its standard error, generic columns ------------------------------
+
+
+def test_spread_of_one_value_is_undefined_not_zero():
+    from tune.compare import mean_spread
+
+    assert mean_spread([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sample std: sqrt(((1)+(0)+(1))/2)
+    m, s = mean_spread([5.0])
+    assert m == 5.0 and math.isnan(s)
+    m, s = mean_spread([4.0, float("nan"), None, 6.0])
+    assert (m, s) == (5.0, pytest.approx(math.sqrt(2)))
+    assert all(math.isnan(v) for v in mean_spread([]))
+
+
+def test_forgetting_quality_spread_is_the_standard_error_over_examples(monkeypatch):
+    import tune.compare as compare
+
+    # a stand-in F whose per-example points are known: the mean over examples of column means
+    monkeypatch.setattr(compare, "forgetting_quality",
+                        lambda u, r: float(np.mean(u.mean(axis=0))))
+    u = np.array([[0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0]])  # points 0, 1, 1, 0
+    f, se = compare.forgetting_quality_spread(u, np.zeros_like(u))
+    assert f == 0.5
+    # std(ddof=1) of [0, 1, 1, 0] = sqrt(1/3); over sqrt(4)
+    assert se == pytest.approx(math.sqrt(1 / 3) / 2)
+
+
+def test_summarise_carries_every_field_with_its_spread_and_F_only_from_two_seeds(monkeypatch):
+    import tune.compare as compare
+
+    monkeypatch.setattr(compare, "forgetting_quality", lambda u, r: 0.25)
+    seeds = [
+        {"forget_acc": 0.5, "retain_acc": 0.9, "test_acc": 0.8, "a_new_metric": 2.0,
+         "margins": np.array([1.0, 2.0])},
+        {"forget_acc": 0.7, "retain_acc": 0.9, "test_acc": 0.8, "a_new_metric": 4.0,
+         "margins": np.array([1.0, 2.0])},
+    ]
+    gold = [{"retain_acc": 0.9, "test_acc": 0.8}] * 2
+    margins = [np.array([0.0, 0.0])] * 2
+    row = compare.summarise("m", "approx", seeds, {"alpha": 1.0}, margins, gold)
+    assert row["forget_acc"] == pytest.approx(0.6)
+    assert row["forget_acc_std"] == pytest.approx(math.sqrt(0.02))
+    assert (row["a_new_metric"], row["a_new_metric_std"]) == (3.0, pytest.approx(math.sqrt(2)))
+    assert row["forgetting_quality"] == 0.25
+    assert row["score"] == pytest.approx(0.25 * (0.9 / 0.9) * (0.8 / 0.8))
+    assert row["best_config"] == {"alpha": 1.0} and "margins" not in row
+
+    one = compare.summarise("m", "approx", seeds[:1], None, margins[:1], gold[:1])
+    assert math.isnan(one["forgetting_quality"]) and math.isnan(one["score"])
+    assert math.isnan(one["forget_acc_std"]) and one["best_config"] is None
+
+
+def test_markdown_and_csv_show_spreads_and_null_for_undefined(tmp_path):
+    from tune.report import columns, to_markdown, write_table
+
+    rows = [
+        {"method": "ssd", "kind": "approx", "seeds": 2, "zeta": 1.0, "alignment": 0.25,
+         "alignment_std": 0.05, "forgetting_quality": 0.5, "forgetting_quality_std": float("nan"),
+         "best_config": {"alpha": 10.0}},
+        {"method": "original", "kind": "original", "seeds": 1, "zeta": float("nan"),
+         "alignment": 0.5, "alignment_std": float("nan"), "forgetting_quality": float("nan"),
+         "best_config": None},
+    ]
+    cols = columns(rows)
+    assert cols[:3] == ["method", "kind", "seeds"] and cols[-1] == "best_config"
+    assert cols.index("forgetting_quality") < cols.index("zeta")  # headline first, then the rest
+    md = to_markdown(rows)
+    header, _, ssd, original = md.strip().splitlines()
+    assert "alignment_std" not in header and "zeta" in header
+    assert "| 0.2500 ± 0.0500 |" in ssd and "| 0.5000 |" in ssd and "alpha=10.0000" in ssd
+    assert "| 0.5000 |" in original and "±" not in original
+    write_table(rows, tmp_path)
+    data = json.loads((tmp_path / "comparison.json").read_text())
+    assert data[0]["forgetting_quality_std"] is None and data[1]["best_config"] is None
+    csv_lines = (tmp_path / "comparison.csv").read_text().splitlines()
+    assert csv_lines[0].split(",")[:3] == ["method", "kind", "seeds"]
+
+
+# -- MLflow ------------------------------------------------------------------------------------
+
+
+def test_tracking_uri_honours_the_environment(monkeypatch, tmp_path):
+    from tune.tracking import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/m.db")
+    assert tracking_uri(None) == "sqlite:////elsewhere/m.db"
+    assert tracking_uri("sqlite:////given.db") == "sqlite:////given.db"
+
+
+def test_trials_reach_mlflow_as_they_run(tmp_path):
+    from mlflow import MlflowClient
+
+    from tune.tracking import ComparisonRun
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = ComparisonRun(uri=uri, experiment="e", run_name="parent",
+                        params={"methods": ("finetune", "ssd"), "out": "/real/out",
+                                "data_dir": None, "nested": {"k": 1}})
+    run.describe_trials(trial_point)
+    client = MlflowClient(uri)
+    parent = client.get_run(run.parent_run_id)
+    assert parent.data.params == {"methods": "finetune,ssd", "out": "/real/out", "nested.k": "1"}
+    assert parent.info.status == "RUNNING"
+
+    config = {"method": "ssd", "ssd": {"alpha": 3.0}, "finetune": {"lr": 0.1}}
+    run.trial_started("t1", config)
+    run.trial_result("t1", {"alignment": 0.5, "mia": float("nan"), "complete": 0.0}, step=1)
+    run.trial_result("t1", {"alignment": 0.25, "complete": 1.0}, step=2)
+    child = client.search_runs([run.experiment_id], "tags.trial_id = 't1'")[0]
+    # visible while the experiment still runs
+    assert child.info.status == "RUNNING"
+    assert child.data.tags["mlflow.parentRunId"] == run.parent_run_id
+    assert child.data.params == {"method": "ssd", "alpha": "3.0"}  # not finetune's draws
+    assert [(m.step, m.value) for m in client.get_metric_history(child.info.run_id,
+                                                                 "alignment")] == [(1, 0.5),
+                                                                                   (2, 0.25)]
+    assert set(child.data.metrics) == {"alignment"}  # NaN and the marker are not logged
+    run.trial_finished("t1", None)
+    run.trial_started("t2", {"method": "finetune", "finetune": {"lr": 0.1}})
+    run.trial_finished("t2", "Traceback: boom")
+    assert client.get_run(child.info.run_id).info.status == "FINISHED"
+    failed = client.search_runs([run.experiment_id], "tags.trial_id = 't2'")[0]
+    assert failed.info.status == "FAILED" and "boom" in failed.data.tags["error"]
+
+
+# -- the problem -------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -70,20 +332,72 @@ def test_gold_scores_zero_gaps_and_methods_are_scored(monolith_problem):
         seconds / p.seeds[0].retrain_seconds)
 
 
+def test_a_trial_reports_each_epoch_and_the_final_model(monolith_problem, monkeypatch):
+    """finetune with 2 epochs: two per-epoch reports, then the final one; the last epoch's
+    model is the final model, so their scores agree."""
+    import tune.ray_compat as ray_compat
+    from tune.compare import _trial
+
+    reports = []
+    monkeypatch.setattr(ray_compat, "report", reports.append)
+    _trial({"method": "finetune", "finetune": {"epochs": 2}}, problem=monolith_problem)
+    assert [(r.get("epoch"), r["complete"]) for r in reports] == [(1, 0.0), (2, 0.0),
+                                                                   (None, 1.0)]
+    assert reports[1]["forget_acc"] == reports[2]["forget_acc"]
+    assert reports[1]["alignment"] == reports[2]["alignment"]
+    assert math.isnan(reports[0]["seconds"]) and reports[2]["seconds"] > 0
+
+
+# -- the command -------------------------------------------------------------------------------
+
+
+def _compare_args(*argv):
+    from sisa_ray.cli import build_parser
+
+    return build_parser().parse_args(["compare", *argv])
+
+
+def test_compare_offers_no_backend_and_a_preset_the_command_line_overrides(tmp_path, capsys):
+    from sisa_ray.cli.compare import config_from_args
+
+    with pytest.raises(SystemExit) as e:
+        _compare_args("--backend", "local")
+    assert e.value.code == 2 and "--backend" in capsys.readouterr().err
+    for flag in ("--cpus-per-shard", "--gpus-per-shard"):
+        with pytest.raises(SystemExit):
+            _compare_args(flag, "1")
+
+    cfg = config_from_args(_compare_args("--preset", "f32", "--seeds", "2", "--out",
+                                         str(tmp_path / "o"), "--gpus-per-trial", "0.5",
+                                         "--max-concurrent", "3", "--methods", "ssd,finetune"))
+    assert cfg.seeds == 2 and cfg.dataset == "digits" and cfg.epochs == 10  # preset's epochs
+    assert cfg.methods == ("ssd", "finetune") and cfg.out == str(tmp_path / "o")
+    assert (cfg.gpus_per_trial, cfg.max_concurrent) == (0.5, 3)
+    assert config_from_args(_compare_args("--preset", "f32")).seeds >= 32
+    plain = config_from_args(_compare_args())
+    assert plain.seeds == 3 and plain.out  # a real output directory, never None
+
+
+# -- whole comparisons -------------------------------------------------------------------------
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_tiny_comparison_logs_to_mlflow(ray_session, tmp_path):
-    from mlflow.tracking import MlflowClient
+def test_tiny_comparison_through_the_cli_logs_to_mlflow(ray_session, tmp_path, monkeypatch,
+                                                        capsys):
+    from mlflow import MlflowClient
 
-    from tune.compare import CompareConfig, run_comparison
+    from sisa_ray.cli import main
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = CompareConfig(
-        dataset="digits", forget="random:0.1", methods=("ssd", "finetune"), target="sisa",
-        epochs=3, shards=2, slices=2, num_samples=2, seeds=2, max_train=300, hidden=32,
-        mlflow_uri=uri, experiment="test-compare", out=str(tmp_path / "out"),
-    )
-    result = run_comparison(cfg, say=lambda m: None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # honoured without --mlflow-uri
+    out = tmp_path / "out"
+    code = main(["compare", "--methods", "ssd,finetune", "--target", "sisa", "--epochs", "3",
+                 "--shards", "2", "--slices", "2", "--num-samples", "2", "--seeds", "2",
+                 "--max-train", "300", "--hidden", "32", "--experiment", "test-compare",
+                 "--out", str(out), "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)  # stdout is strict JSON only
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == {"original", "ssd", "finetune", "exact SISA deletion",
                          "naive retrain (ensemble)"}
@@ -91,25 +405,36 @@ def test_tiny_comparison_logs_to_mlflow(ray_session, tmp_path):
     for gap in ("forget_gap", "retain_gap", "test_gap", "mia_gap", "activation_distance",
                 "js_divergence", "alignment"):
         assert exact[gap] == 0.0, gap  # with --target sisa the exact deletion is the gold
-    assert exact["forgetting_quality"] == 1.0
-    assert not math.isnan(rows["ssd"]["forgetting_quality"])
-    assert rows["ssd"]["seeds"] == 2
+    assert rows["ssd"]["seeds"] == 2 and rows["ssd"]["forgetting_quality"] is not None
+    assert rows["ssd"]["alignment_std"] is not None
+    # one experiment, not one per method
+    assert [p.name for p in (out / "tune").iterdir() if p.is_dir()] == ["compare"]
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("test-compare")
     parent = client.get_run(result["mlflow"]["parent_run_id"])
     assert parent.data.params["target"] == "sisa"
+    assert parent.data.params["methods"] == "ssd,finetune"
+    assert parent.data.params["out"] == str(out)
     assert "best.ssd.alignment" in parent.data.metrics
     children = client.search_runs(
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     kinds = sorted(c.data.tags["kind"] for c in children)
     assert kinds == ["approx"] * 4 + ["exact", "original", "retrain"]
+    for c in children:  # the parent run spans the whole comparison
+        assert parent.info.start_time <= c.info.start_time <= c.info.end_time \
+            <= parent.info.end_time
+        assert not {"pid", "timestamp", "time_this_iter_s", "training_iteration"} & set(
+            c.data.metrics)
+        if c.data.tags["kind"] != "approx":
+            assert {"epochs", "model", "seeds", "shards", "slices"} <= set(c.data.params)
     trial = next(c for c in children if c.data.tags["method"] == "ssd")
     assert {"alignment", "forget_acc", "mia", "js_divergence", "time_ratio"} <= set(
         trial.data.metrics)
-    assert {"alpha", "lam"} <= set(trial.data.params)
+    assert set(trial.data.params) == {"method", "alpha", "lam"}
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"comparison.csv", "comparison.md", "alignment_vs_time.png", "accuracies.png"} <= names
+    assert {"comparison.csv", "comparison.md", "comparison_table.json", "alignment_vs_time.png",
+            "accuracies.png"} <= names
 
 
 @pytest.mark.ray
