@@ -51,26 +51,91 @@ def per_sample_loss(model: nn.Module, data: SampleSet, device="cpu") -> np.ndarr
     return nn.functional.cross_entropy(z, y, reduction="none").numpy()
 
 
-def mia_accuracy(forget_losses: np.ndarray, test_losses: np.ndarray, seed: int = 0,
-                 folds: int = 5) -> float:
-    """Balanced, cross-validated accuracy of a logistic regression telling forget-set losses
-    (members) from test-set losses (non-members). 0.5 means the attack cannot tell them apart."""
+def mia_loss_starting_kit(forget_losses: np.ndarray, test_losses: np.ndarray, seed: int = 0,
+                          n_splits: int = 10) -> float:
+    """Loss-based membership inference attack of the NeurIPS 2023 unlearning challenge's starting kit.
+
+    A logistic regression on the per-sample loss tells forget-set samples (members) from test-set
+    samples (non-members); the score is its mean accuracy over ``n_splits`` stratified shuffle
+    splits (scikit-learn's ``StratifiedShuffleSplit``, 10 % held out each time), as the kit's
+    ``simple_mia``. 0.5 means the attack cannot tell them apart. The kit subsamples the forget
+    losses to the number of test losses; here the larger set is subsampled to the smaller one
+    (drawn with ``seed``), so the two classes stay balanced whichever set is larger.
+
+    This is the quantity reported as ``Evaluation.mia``. It is not the entropy attack of the
+    bad-teaching and SSD papers (:func:`mia_entropy_ssd`).
+
+    Parameters
+    ----------
+    forget_losses, test_losses : numpy.ndarray
+        Per-sample losses of the model on the forget set and on the test set.
+    seed : int
+        Seeds the subsampling and the splits.
+    n_splits : int
+        Number of shuffle splits (the kit uses 10).
+    """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.model_selection import StratifiedShuffleSplit, cross_val_score
 
     forget_losses = np.asarray(forget_losses, dtype=np.float64)
     test_losses = np.asarray(test_losses, dtype=np.float64)
     n = min(len(forget_losses), len(test_losses))
-    if n < folds:
-        raise ValueError(f"MIA needs at least {folds} forget and {folds} test samples; got "
-                         f"{len(forget_losses)} and {len(test_losses)}.")
+    if n < n_splits:
+        raise ValueError(f"The loss MIA needs at least {n_splits} forget and {n_splits} test samples "
+                         f"(one per split). Got {len(forget_losses)} and {len(test_losses)}; "
+                         f"use a larger forget or test set, or fewer 'n_splits'.")
     rng = np.random.default_rng(seed)
     f = rng.choice(forget_losses, n, replace=False)
     t = rng.choice(test_losses, n, replace=False)
-    x = np.concatenate([f, t])[:, None]
-    y = np.concatenate([np.ones(n), np.zeros(n)])
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    x = np.concatenate([t, f])[:, None]
+    y = np.concatenate([np.zeros(n), np.ones(n)])
+    cv = StratifiedShuffleSplit(n_splits=n_splits, random_state=seed)
     return float(cross_val_score(LogisticRegression(), x, y, cv=cv, scoring="accuracy").mean())
+
+
+def mia_accuracy(forget_losses: np.ndarray, test_losses: np.ndarray, seed: int = 0,
+                 folds: int = 10) -> float:
+    """Former name of :func:`mia_loss_starting_kit` (``folds`` is its ``n_splits``)."""
+    return mia_loss_starting_kit(forget_losses, test_losses, seed=seed, n_splits=folds)
+
+
+def prediction_entropy(p: np.ndarray) -> np.ndarray:
+    """Shannon entropy (natural log) of each row of a probability matrix; ``0 log 0 = 0``."""
+    p = np.asarray(p, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
+
+
+def mia_entropy_ssd(retain_probs: np.ndarray, forget_probs: np.ndarray,
+                    test_probs: np.ndarray) -> float:
+    """Entropy-based membership inference attack of the bad-teaching and SSD papers.
+
+    Chundawat et al. 2023, "Can bad teaching induce forgetting?" (code:
+    vikram2000/bad-teaching-unlearning), reused by Foster et al. 2024, "Fast machine unlearning
+    without retraining through selective synaptic dampening" (code:
+    if-loops/selective-synaptic-dampening, ``metrics.get_membership_attack_prob``): a class-balanced
+    logistic regression on the entropy of the softmax output is trained to call retain samples
+    members (1) and test samples non-members (0); the score is the fraction of forget samples it
+    calls members. Lower means more forgotten, and the gold model's value is the target; it is
+    not an accuracy, so 0.5 carries no special meaning.
+
+    The reference fits scikit-learn's ``multi_class="multinomial"`` model, which newer
+    scikit-learn no longer offers. With two classes that model is the binomial one with twice the
+    inverse regularisation (the L2 penalty of the two class vectors ``w`` and ``-w`` of the softmax
+    sums to half that of their difference), so ``C=2`` is used here.
+
+    Parameters
+    ----------
+    retain_probs, forget_probs, test_probs : numpy.ndarray
+        Softmax outputs of the model, shape (n_samples, n_classes), on each set.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    x_train = np.concatenate([prediction_entropy(retain_probs), prediction_entropy(test_probs)])
+    y_train = np.concatenate([np.ones(len(retain_probs)), np.zeros(len(test_probs))])
+    attack = LogisticRegression(C=2.0, class_weight="balanced", solver="lbfgs")
+    attack.fit(x_train[:, None], y_train)
+    return float(attack.predict(prediction_entropy(forget_probs)[:, None]).mean())
 
 
 def activation_distance(p: np.ndarray, q: np.ndarray) -> float:
@@ -79,7 +144,12 @@ def activation_distance(p: np.ndarray, q: np.ndarray) -> float:
 
 
 def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
-    """Mean Jensen-Shannon divergence (natural log) between rows of two probability matrices."""
+    """Mean Jensen-Shannon divergence (natural log) between rows of two probability matrices.
+
+    The true divergence, ``0.5 KL(p || m) + 0.5 KL(q || m)`` with ``m = (p + q) / 2``, averaged over
+    rows: the square of ``scipy.spatial.distance.jensenshannon``. Not the ``JSDiv`` of the
+    bad-teaching and SSD code (:func:`jsdiv_bad_teaching`).
+    """
     p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
     m = 0.5 * (p + q)
 
@@ -91,7 +161,55 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
     return float((0.5 * kl(p, m) + 0.5 * kl(q, m)).mean())
 
 
+def jsdiv_bad_teaching(p: np.ndarray, q: np.ndarray) -> float:
+    """``JSDiv`` as the bad-teaching and SSD code compute it (not a Jensen-Shannon divergence).
+
+    ``0.5 * F.kl_div(log p, m) + 0.5 * F.kl_div(log q, m)`` with ``m = (p + q) / 2`` and PyTorch's
+    default ``reduction="mean"``: each term is ``KL(m || p)`` (the mixture first, where the true
+    divergence has ``KL(p || m)``), and the mean runs over all ``n_samples * n_classes`` entries,
+    so the value is the per-row quantity divided by the number of classes. Chundawat et al. 2023
+    (vikram2000/bad-teaching-unlearning), Foster et al. 2024 (if-loops/selective-synaptic-dampening,
+    ``metrics.JSDiv``).
+
+    Parameters
+    ----------
+    p, q : numpy.ndarray
+        Probability matrices of shape (n_samples, n_classes).
+    """
+    pt = torch.as_tensor(np.asarray(p, dtype=np.float64))
+    qt = torch.as_tensor(np.asarray(q, dtype=np.float64))
+    m = (pt + qt) / 2
+    kl_mp = nn.functional.kl_div(torch.log(pt), m, reduction="mean")
+    kl_mq = nn.functional.kl_div(torch.log(qt), m, reduction="mean")
+    return float(0.5 * kl_mp + 0.5 * kl_mq)
+
+
+def zrf_score(p: np.ndarray, q_incompetent: np.ndarray) -> float:
+    """Zero Retrain Forgetting score of Chundawat et al. 2023: ``1 - JSDiv(p, q_incompetent)``.
+
+    ``q_incompetent`` are the outputs, on the forget set, of a randomly initialised model of the
+    same architecture (the "incompetent teacher"); ``JSDiv`` is :func:`jsdiv_bad_teaching`, as in
+    the reference code's ``UnLearningScore``. 1 means the model answers on the forget set like a
+    model that never learned anything.
+    """
+    return 1.0 - jsdiv_bad_teaching(p, q_incompetent)
+
+
 # -- NeurIPS 2023 unlearning challenge -------------------------------------------------------------
+# The forgetting quality F follows google-deepmind/unlearning_evaluation, metric.py, rule for rule.
+
+#: delta of the (epsilon, delta) guarantee the challenge's attacks estimate.
+CHALLENGE_DELTA = 1e-5
+#: Epsilon of an example that is perfectly separable or whose spread ratio is under 1 %.
+EPSILON_CAP = 50.0
+#: Density of the attacks' threshold grids, in thresholds per unit of the statistic.
+THRESHOLDS_PER_UNIT = 100
+# The reference adds the smallest float32 denormal to both probabilities before the log.
+_PROBABILITY_FLOOR = 1e-45
+# Interval attacks place their right end within this distance of the peakier sample's maximum.
+_INTERVAL_BUFFER = 2.0
+# A spread under this fraction of the other distribution's spread gets the capped epsilon.
+_SPREAD_RATIO = 0.01
 
 
 def logit_margin(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -104,58 +222,165 @@ def logit_margin(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return true - other.max(axis=1)
 
 
-def _attack_epsilon(fpr: float, fnr: float, delta: float) -> float:
-    """Epsilon of one attack, as the challenge's ``compute_epsilon_s``: both error rates zero is
-    a perfect attack (infinity); exactly one zero gives no estimate (the attack is discarded)."""
-    if fpr == 0 and fnr == 0:
-        return math.inf
-    if fpr == 0 or fnr == 0:
-        return math.nan
-    terms = [math.log(1 - delta - a) - math.log(b)
-             for a, b in ((fpr, fnr), (fnr, fpr)) if 1 - delta - a > 0]
-    return max(terms) if terms else math.nan
+def logit_scaled_confidence(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The challenge's per-example statistic ``log p_y - log(1 - p_y)``, from logits.
 
+    As ``compute_logit_scaled_confidence`` in google-deepmind/unlearning_evaluation (itself from
+    LiRA, Carlini et al. 2022): ``log(p_y + 1e-45) - log(sum_{j != y} p_j + 1e-45)``, where the
+    floor bounds the statistic to about +-103.6. Computed in log space,
+    ``log p_y = z_y - logsumexp(z)`` and ``log(1 - p_y) = logsumexp(z_{j != y}) - logsumexp(z)``,
+    so no probability is rounded to 1 before the subtraction.
 
-def example_epsilon(unlearned: np.ndarray, retrained: np.ndarray, delta: float = 1e-5) -> float:
-    """Privacy epsilon of one example from threshold attacks on two 1-D samples of a statistic
-    (e.g. the example's logit margin under several unlearned and several retrained models).
-
-    Every threshold, in both directions ("unlearned if value > t" and "if value <= t"), is an
-    attack with a false positive rate (retrained flagged as unlearned) and a false negative rate;
-    each gives ``max(log((1 - delta - FPR) / FNR), log((1 - delta - FNR) / FPR))``. Epsilon is the
-    largest over attacks, never below 0.
+    Parameters
+    ----------
+    z : numpy.ndarray
+        Logits, shape (n_samples, n_classes).
+    labels : numpy.ndarray
+        True class of each sample.
     """
-    u = np.sort(np.asarray(unlearned, dtype=np.float64))
-    r = np.sort(np.asarray(retrained, dtype=np.float64))
-    best = 0.0
-    for t in np.concatenate([[-np.inf], np.unique(np.concatenate([u, r]))]):
-        u_le = np.searchsorted(u, t, side="right") / len(u)
-        r_le = np.searchsorted(r, t, side="right") / len(r)
-        for fpr, fnr in ((1 - r_le, u_le), (r_le, 1 - u_le)):
-            eps = _attack_epsilon(fpr, fnr, delta)
-            if eps == eps:  # not NaN
-                best = max(best, eps)
-    return best
+    from scipy.special import logsumexp
+
+    z = np.asarray(z, dtype=np.float64)
+    idx = np.arange(len(labels))
+    labels = np.asarray(labels, dtype=np.int64)
+    log_total = logsumexp(z, axis=1)
+    others = z.copy()
+    others[idx, labels] = -np.inf
+    log_floor = math.log(_PROBABILITY_FLOOR)
+    with np.errstate(divide="ignore"):
+        log_p_true = z[idx, labels] - log_total
+        log_p_wrong = logsumexp(others, axis=1) - log_total
+    return np.logaddexp(log_p_true, log_floor) - np.logaddexp(log_p_wrong, log_floor)
 
 
-def forgetting_quality(unlearned_margins: np.ndarray, retrained_margins: np.ndarray,
-                       delta: float = 1e-5, bin_width: float = 0.5) -> float:
-    """The challenge's forgetting quality F.
+def _counts_at_or_above(values: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    return len(values) - np.searchsorted(np.sort(values), thresholds, side="left")
 
-    ``*_margins`` have shape (n_models, n_forget_examples). Each example's epsilon falls in bin
-    ``k = floor(eps / bin_width) + 1`` and scores ``2 ** (1 - k)`` (1 for eps < 0.5, 0.5 for eps in
-    [0.5, 1), ..., 0 for infinite epsilon); F is the mean score over examples.
+
+def _single_threshold_counts(pos: np.ndarray, neg: np.ndarray):
+    """Attacks "positive when value >= t", t on a grid over both samples' range. The grid is
+    ``torch.linspace`` in float32, as the reference's."""
+    both = np.concatenate([pos, neg])
+    lo, hi = both.min(), both.max()
+    n = int(np.ceil((hi - lo) * THRESHOLDS_PER_UNIT))
+    t = torch.linspace(float(lo), float(hi), n, dtype=torch.float32).double().numpy()
+    tp, fp = _counts_at_or_above(pos, t), _counts_at_or_above(neg, t)
+    return tp, len(pos) - tp, fp, len(neg) - fp, len(pos), len(neg)
+
+
+def _interval_counts(pos: np.ndarray, neg: np.ndarray):
+    """Attacks "positive when l <= value <= r", positive being the peakier sample (the one with
+    the smaller spread; the second one on a tie). Right ends: a grid over the peakier sample's
+    maximum +- 2; left ends: a grid over ``r - width +- 2``, width the smaller spread."""
+    pos_spread, neg_spread = np.ptp(pos), np.ptp(neg)
+    width = neg_spread if pos_spread > neg_spread else pos_spread
+    if pos_spread >= neg_spread:
+        pos, neg = neg, pos
+    lo = pos.min() + width - _INTERVAL_BUFFER
+    hi = pos.max() + _INTERVAL_BUFFER
+    right = np.linspace(lo, hi, int(np.ceil((hi - lo) * THRESHOLDS_PER_UNIT)))
+    n_left = int(np.ceil(2 * _INTERVAL_BUFFER * THRESHOLDS_PER_UNIT))
+    left = np.linspace(right - width - _INTERVAL_BUFFER, right - width + _INTERVAL_BUFFER, n_left,
+                       axis=1).ravel()
+    right = np.repeat(right, n_left)
+
+    def inside(values):
+        s = np.sort(values)
+        n_in = np.searchsorted(s, right, side="right") - np.searchsorted(s, left, side="left")
+        return np.maximum(n_in, 0)
+
+    tp, fp = inside(pos), inside(neg)
+    return tp, len(pos) - tp, fp, len(neg) - fp, len(pos), len(neg)
+
+
+def _attack_epsilons(tp, fn, fp, tn, n_pos, n_neg, delta: float) -> np.ndarray:
+    """Epsilon of each attack, in float32 as the reference computes its rates: infinite when both
+    error rates are 0 (perfect separation), NaN (no estimate, the attack is dropped) when exactly
+    one is 0, else ``max(log((1 - delta - FPR) / FNR), log((1 - delta - FNR) / FPR))`` clipped at 0."""
+    fnr = fn.astype(np.float32) / np.float32(n_pos)
+    fpr = fp.astype(np.float32) / np.float32(n_neg)
+    one = np.float32(1 - delta)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eps = np.fmax(np.log(one - fpr) - np.log(fnr), np.log(one - fnr) - np.log(fpr))
+    eps = np.clip(eps, 0, None)
+    perfect = (fpr == 0) & (fnr == 0)
+    return np.where(perfect, np.inf, np.where((fpr == 0) | (fnr == 0), np.nan, eps))
+
+
+def example_epsilon(unlearned: np.ndarray, retrained: np.ndarray,
+                    delta: float = CHALLENGE_DELTA) -> float:
+    """Privacy epsilon of one forget example, as the NeurIPS 2023 unlearning challenge estimates it.
+
+    google-deepmind/unlearning_evaluation, metric.py (``_get_epsilons``). The two 1-D samples hold
+    the example's statistic (:func:`logit_scaled_confidence`) under several unlearned and several
+    retrained models. The positive class is the sample with the larger median (the unlearned one
+    on a tie).
+
+    * If the smaller spread (max - min) is under 1 % of the larger, epsilon is ``EPSILON_CAP`` (50):
+      one distribution is a spike. Two spikes (0 / 0) go on to the attacks.
+    * Threshold attacks: "positive when value >= t", ``ceil(100 * range)`` thresholds over both
+      samples' range.
+    * Interval attacks: "peakier sample when l <= value <= r", ``r`` on ``ceil(100 * (4 + tiny))``
+      points over the peakier sample's ``max +- 2``, and for each ``r``, 400 values of ``l`` over
+      ``r - w +- 2``, w the smaller spread.
+    * Each attack's epsilon is ``max(log((1 - delta - FPR) / FNR), log((1 - delta - FNR) / FPR))``
+      clipped at 0; infinite when FPR = FNR = 0; an attack with exactly one zero rate is dropped.
+    * Epsilon is the largest over attacks, clipped to ``[0, EPSILON_CAP]``. Where every attack is
+      dropped (two identical spikes) the reference fails; here epsilon is 0.
+
+    Parameters
+    ----------
+    unlearned, retrained : numpy.ndarray
+        The statistic of one example under each unlearned and each retrained model.
+    delta : float
+        The delta of the guarantee (the challenge uses 1e-5).
     """
-    u = np.asarray(unlearned_margins, dtype=np.float64)
-    r = np.asarray(retrained_margins, dtype=np.float64)
-    if u.ndim != 2 or r.ndim != 2 or u.shape[1] != r.shape[1]:
-        raise ValueError(f"Margins must be (n_models, n_examples) with equal n_examples. Got "
-                         f"{u.shape} and {r.shape}.")
-    scores = []
-    for j in range(u.shape[1]):
-        eps = example_epsilon(u[:, j], r[:, j], delta)
-        scores.append(0.0 if math.isinf(eps) else 2.0 ** (1 - (math.floor(eps / bin_width) + 1)))
-    return float(np.mean(scores))
+    u = np.asarray(unlearned, dtype=np.float64).ravel()
+    r = np.asarray(retrained, dtype=np.float64).ravel()
+    pos, neg = (r, u) if np.median(r) > np.median(u) else (u, r)
+    spreads = np.array([np.ptp(pos), np.ptp(neg)])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if spreads.min() / spreads.max() < _SPREAD_RATIO:
+            return EPSILON_CAP
+    eps = np.concatenate([_attack_epsilons(*_interval_counts(pos, neg), delta),
+                          _attack_epsilons(*_single_threshold_counts(pos, neg), delta)])
+    eps = eps[~np.isnan(eps)]
+    return float(np.clip(eps.max(), 0, EPSILON_CAP)) if len(eps) else 0.0
+
+
+def forgetting_quality(unlearned_stats: np.ndarray, retrained_stats: np.ndarray,
+                       delta: float = CHALLENGE_DELTA, bin_width: float = 0.5) -> float:
+    """The NeurIPS 2023 unlearning challenge's forgetting quality F.
+
+    google-deepmind/unlearning_evaluation, metric.py (``compute_forget_score_from_confs``). Each
+    forget example's :func:`example_epsilon` earns points by bin: ``[0, 0.5)`` 1 point,
+    ``[0.5, 1)`` 1/2, ``[1, 1.5)`` 1/4, ..., and 0 points from ``ceil(log(M - 1))`` on, for M
+    models (the largest epsilon M samples can resolve; 4 for 32 models, so eps >= 4 scores 0).
+    F is the mean of the points over the forget examples. The statistic the challenge uses is
+    :func:`logit_scaled_confidence`.
+
+    Parameters
+    ----------
+    unlearned_stats, retrained_stats : numpy.ndarray
+        The statistic, shape (n_models, n_forget_examples), under the unlearned and the retrained
+        models (the same number of each).
+    delta : float
+        The delta of the guarantee.
+    bin_width : float
+        Width of the epsilon bins (the challenge uses 0.5).
+    """
+    u = np.asarray(unlearned_stats, dtype=np.float64)
+    r = np.asarray(retrained_stats, dtype=np.float64)
+    if u.ndim != 2 or u.shape != r.shape or u.size == 0:
+        raise ValueError(f"The statistics of forgetting_quality must be non-empty arrays of shape "
+                         f"(n_models, n_forget_examples), the same for unlearned and retrained "
+                         f"models. Got {u.shape} and {r.shape}; stack one row per model.")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        max_epsilon = float(np.ceil(np.log(u.shape[0] - 1)))
+    eps = np.array([example_epsilon(u[:, j], r[:, j], delta) for j in range(u.shape[1])])
+    k = np.floor(eps / bin_width)
+    points = np.where((k + 1) * bin_width <= max_epsilon, 0.5 ** k, 0.0)
+    return float(points.mean())
 
 
 def challenge_score(f: float, retain_acc: float, retain_acc_gold: float, test_acc: float,
