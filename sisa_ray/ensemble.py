@@ -61,7 +61,7 @@ from .deletion import (
 from .deletion import recover as recover_requests
 from .deletion import unlearn as unlearn_request
 from .ingest import STAGING_DIR, ParquetSource, assemble_shard, combine, partition_part
-from .transfer import BACKBONE_FILE, TransferSetup, read_public_ids, refuse_public
+from .transfer import BACKBONE_FILE, TransferSetup, refuse_public_request
 
 log = logging.getLogger(__name__)
 
@@ -501,8 +501,7 @@ class SISAEnsemble:
         """
         self._check_fitted()
         ids = validate_ids(ids)
-        if self.config_.training.backbone is not None:
-            refuse_public(read_public_ids(self.store_), ids, "the deletion request")
+        refuse_public_request(self.store_, self.config_, ids)
         if request_id is not None and (not isinstance(request_id, str) or not request_id):
             raise ValueError(f"request_id must be a non-empty string. Got {request_id!r}.")
         with self.store_.writer_lock() as lock:

@@ -24,6 +24,7 @@ from .core.ledger import Ledger
 from .core.manifest import read_manifest
 from .deletion import DeletionContext, default_request_id, recover, validate_ids
 from .ensemble import SISAEnsemble
+from .transfer import refuse_public_request
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class DeletionService:
     def submit(self, ids, request_id: str | None = None) -> dict:
         """Durably acknowledge a deletion request; it is applied in the background."""
         ids = validate_ids(ids)
+        refuse_public_request(self.ens.store_, self.ens.config_, ids)
         if request_id is not None and (not isinstance(request_id, str) or not request_id):
             raise ValueError(f"request_id must be a non-empty string. Got {request_id!r}.")
         rid = request_id or default_request_id(ids)

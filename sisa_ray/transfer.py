@@ -293,3 +293,9 @@ class TransferSetup:
 def read_public_ids(store) -> np.ndarray:
     """The public ids a store's backbone was trained on."""
     return store.read_table(PUBLIC_IDS_FILE).column("id").to_numpy().astype(np.int64)
+
+
+def refuse_public_request(store, config, ids: np.ndarray) -> None:
+    """Refuse a deletion request naming public ids of the store's backbone (if it has one)."""
+    if config.training.backbone is not None:
+        refuse_public(read_public_ids(store), ids, "the deletion request")

@@ -175,6 +175,14 @@ def test_public_ids_cannot_be_deleted(split, backbone, tmp_path):
     assert ens.status()["ledger"] == SISAEnsemble.open(str(tmp_path / "p"), backend="local") \
         .status()["ledger"]
     assert ens.status()["n_train_live"] == len(rest)
+    from sisa_ray.service import DeletionService
+
+    service = DeletionService(ens)
+    try:
+        with pytest.raises(ValueError, match=rf"public set .*\[{victim}\]"):
+            service.submit([victim])
+    finally:
+        service.close()
 
 
 def test_public_ids_are_never_sharded(split, backbone, tmp_path):
