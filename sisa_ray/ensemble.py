@@ -87,15 +87,16 @@ class VerifyReport:
 
 class SISAEnsemble:
     """An exactly-unlearnable ensemble of shard models (Bourtoule et al., "Machine Unlearning",
-    IEEE S&P 2021), each shard owned by a Ray actor.
+    IEEE S&P 2021). Shards train and predict on a pool of Ray workers (actors), each hosting
+    many shards (see :mod:`sisa_ray.executor`), or in this process.
 
     Parameters
     ----------
     config : SISAConfig, the sharding and training configuration.
     store : local path or ``pyarrow.fs`` URI where data, checkpoints, manifest and ledger live.
         A fresh temporary directory when None.
-    backend : ``"ray"`` (shard actors; default) or ``"local"`` (in-process, no Ray).
-    resources : what each shard actor reserves (Ray backend only).
+    backend : ``"ray"`` (a pool of Ray workers; default) or ``"local"`` (in-process, no Ray).
+    resources : what each worker reserves (Ray backend only).
     address : Ray cluster address (``"auto"``), or None for the local default / ``RAY_ADDRESS``.
     vote : ``"hard"`` (majority vote, ties to the smallest class) or ``"soft"`` (mean probability).
     executor : a ready executor object, overriding ``backend`` (used to inject failures in tests).
