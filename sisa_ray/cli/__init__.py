@@ -86,12 +86,21 @@ def _exit_status(e: BaseException) -> int:
     return EXIT_FAILURE
 
 
-def _one_line(e: BaseException) -> str:
+#: a file system's own message (GCS: several hundred characters) is cut to this length
+MAX_LIBRARY_MESSAGE = 300
+
+
+def _one_line(e: BaseException, store: str | None = None) -> str:
     """The error as one line: its first line, and the exception's type where the message alone
-    does not say what failed."""
+    does not say what failed. An ``OSError`` of a file system gets the store it was reading."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     text = lines[0] if lines else type(e).__name__
-    if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, NotADirectoryError)):
+    if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, NotADirectoryError,
+                                                     ConnectionError)):
+        if len(text) > MAX_LIBRARY_MESSAGE:
+            text = text[:MAX_LIBRARY_MESSAGE] + "..."
+        if store and store not in text:
+            text = f"{store}: {text}"
         text = (f"{text}. Check the path or bucket name, the credentials and the network "
                 "(a store or cluster could not be reached)")
     elif not isinstance(e, (*_BAD_INPUT, StoreError)) and type(e).__name__ not in text:
@@ -117,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as e:  # every failure is one line (the traceback with -v)
             if verbose:
                 traceback.print_exc(file=sys.stderr)
-            message = _one_line(e)
+            message = _one_line(e, getattr(args, "store", None))
             if getattr(args, "json", False):
                 print(json.dumps({"error": message, "type": type(e).__name__}), file=out)
             print(f"sisa-ray: error: {message}", file=sys.stderr)
