@@ -230,3 +230,21 @@ def test_cli_pretrain_train_delete(tmp_path, capsys):
     code = main(["delete", "--store", store, "--backend", "local", "--ids", str(public[0])])
     err = capsys.readouterr().err
     assert code == 2 and f"[{public[0]}]" in err and "public set" in err
+
+
+@pytest.mark.ray
+def test_ray_workers_train_heads_like_local(ray_session, split, backbone, tmp_path):
+    _, rest, test = split
+    ens = SISAEnsemble(CONFIG, store=str(tmp_path / "ray"), backend="ray",
+                       backbone=backbone).fit(rest, test)
+    try:
+        victims = rest.ids[[3, 100]].tolist()
+        ens.unlearn(victims)
+        local = fit(tmp_path, "local", rest.without_ids(np.asarray(victims)), backbone, test)
+        for s, (a, b) in enumerate(zip(ens.shard_states(True), local.shard_states(True))):
+            for x, y in zip(a, b):
+                assert states_identical(x, y) == [], f"shard {s}"
+        np.testing.assert_array_equal(ens.shard_proba(test.features)[0],
+                                      local.shard_proba(test.features)[0])
+    finally:
+        ens.close()
