@@ -123,7 +123,7 @@ def test_example_epsilon_hand_value():
     # attack "unlearned if value <= 2": FNR = 1/4, FPR = 1/4 -> eps = log((1 - d - 1/4) / (1/4))
     d = 1e-5
     assert example_epsilon([0, 1, 2, 3], [2, 3, 4, 5], d) == pytest.approx(math.log(3 - 4 * d))
-    assert example_epsilon([0, 0], [1, 1]) == math.inf  # perfectly separable
+    assert example_epsilon([0, 0], [1, 1]) == 50.0  # perfectly separable: the reference's cap
     assert example_epsilon([1, 2, 3], [1, 2, 3]) == 0.0
 
 
@@ -603,3 +603,26 @@ def test_pbu_first_step_lowers_the_forget_likelihood_by_hand():
     w, b = _params(model)
     out = run_method("pbu", model, data, _config("pbu", lr=lr, alpha=alpha, **SGD_ONE_BATCH))
     _assert_model(out.model, *_step(w, b, xf, -alpha * _ce_grad_logits(w, b, xf, yf, c), lr))
+
+
+def test_finetune_default_recipe_is_the_starting_kits_by_hand():
+    """SGD lr 0.1, momentum 0.9, weight decay 5e-4, cosine annealing with T_max = epochs stepped
+    once per epoch. Four copies of one sample make every batch the same, so the weights depend on
+    the learning-rate sequence only: epoch 1 at 0.1, epoch 2 at 0.1 * (1 + cos(pi / 2)) / 2."""
+    from approx import UnlearningData, run_method
+
+    c = 3
+    x1, y1 = _points(1, 4, c, 18)
+    x, y = np.repeat(x1, 4, axis=0), np.repeat(y1, 4)
+    data = UnlearningData(forget=_samples(x1, y1, c, 100), retain=_samples(x, y, c),
+                          request=RandomForget(fraction=0.2))
+    model = _linear(4, c, 18)
+    w, b = _params(model)
+    buf = None
+    for lr in (0.1, 0.1, 0.05, 0.05):  # two batches of two per epoch
+        g = _ce_grad_logits(w, b, x1, y1, c)
+        grads = (g.T @ x1.astype(np.float64) + 5e-4 * w, g.sum(0) + 5e-4 * b)
+        buf = grads if buf is None else tuple(0.9 * m + d for m, d in zip(buf, grads))
+        w, b = w - lr * buf[0], b - lr * buf[1]
+    out = run_method("finetune", model, data, _config("finetune", epochs=2, batch_size=2))
+    _assert_model(out.model, w, b)
