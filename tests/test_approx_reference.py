@@ -7,6 +7,8 @@ Where a test transcribes a reference, the transcription keeps the reference's ow
 from __future__ import annotations
 
 import copy
+import math
+import unittest.mock
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from torch import nn
 
 from approx import SubclassForget, run_method
 from approx.methods import fisher_masking as fm
+from approx.methods import layer_reset as lr_
 from approx.methods import twin_mu as tm
 from sisa_ray.core.data import SampleSet
 from sisa_ray.core.training import deterministic_torch, seeded
@@ -307,3 +310,108 @@ def test_twin_mu_pipeline_follows_the_reference(monkeypatch, mlp_problem):
     easy = np.arange(len(data.forget)) % 2 == 1
     np.testing.assert_array_equal(got[easy], data.forget.labels[easy])
     assert (got[~easy] != data.forget.labels[~easy]).all()
+
+
+# --- Selective parameter reset with fine-tuning (NeurIPS 2023 challenge, 6th place) ----------
+
+def test_reset_touches_the_first_and_last_layers_only(mlp_problem):
+    model, _ = mlp_problem
+    work = copy.deepcopy(model)
+    with seeded(5, CPU):
+        names = lr_.reset_layers(work)
+    assert names == ["net.1", "net.5"]  # the MLP's first and last Linear layers
+    before, after = model.state_dict(), work.state_dict()
+    for k in before:
+        changed = not torch.equal(before[k], after[k])
+        assert changed == (k.split(".weight")[0].split(".bias")[0] in names), k
+
+
+def test_layer_reset_phases(monkeypatch, mlp_problem):
+    """Before any training step only the reset layers differ from the original; the warm-up
+    trains on the validation set against the original's outputs, then the retain phase."""
+    model, data = mlp_problem
+    calls = []
+
+    def spy(m, x, y, r, loss, cfg, device, seed):
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        calls.append({"n": len(y), "cfg": cfg, "before": before, "loss": loss,
+                      "x": torch.from_numpy(x[:8]), "y": torch.from_numpy(y[:8])})
+        return m
+
+    monkeypatch.setattr(lr_, "train", spy)
+    run_method("layer_reset", model, data, lr_.LayerResetConfig(), seed=1)
+    warm, tune = calls
+    assert warm["n"] == len(data.validation) and tune["n"] == len(data.retain)
+    assert (warm["cfg"].epochs, warm["cfg"].lr, tune["cfg"].epochs, tune["cfg"].lr) == \
+        (3, 9e-4, 3, 1e-3)
+    assert tune["cfg"].schedule == "cosine_epoch" and tune["cfg"].batch_size == 64
+    orig = model.state_dict()
+    differs = {k for k in orig if not torch.equal(orig[k], warm["before"][k])}
+    assert differs == {"net.1.weight", "net.1.bias", "net.5.weight", "net.5.bias"}
+    # the warm-up loss is the KL to the original at T = 5; the retain loss adds CE and soft CE
+    student = copy.deepcopy(model)
+    student.load_state_dict(warm["before"])
+    with torch.no_grad():
+        z, zt = student(warm["x"]), model(warm["x"])
+    q = torch.softmax(zt.double() / 5, 1)
+    log_p = torch.log_softmax(z.double() / 5, 1)
+    kl = (q * (q.log() - log_p)).sum(1).mean()
+    soft = -(q * log_p).sum(1).mean()
+    ce = nn.functional.cross_entropy(z.double(), warm["y"])
+    with torch.no_grad():
+        assert warm["loss"](student, warm["x"], warm["y"], None).item() == \
+            pytest.approx(kl.item(), rel=1e-5)
+        assert tune["loss"](student, warm["x"], warm["y"], None).item() == \
+            pytest.approx((ce + soft + kl).item(), rel=1e-5)
+
+
+def test_retain_loss_by_hand_on_a_tiny_batch():
+    z = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 1.5]])
+    zt = torch.tensor([[1.0, 1.0, 0.0], [0.0, 3.0, 0.0]])
+    y = torch.tensor([0, 2])
+    t = 2.0
+
+    def sm(v):
+        e = [math.exp(a / t) for a in v]
+        return [a / sum(e) for a in e]
+
+    ce = kl = soft = 0.0
+    for zi, zti, yi in zip(z.tolist(), zt.tolist(), y.tolist()):
+        ce += -math.log(math.exp(zi[yi]) / sum(math.exp(a) for a in zi)) / 2
+        p, q = sm(zi), sm(zti)
+        soft += -sum(qc * math.log(pc) for qc, pc in zip(q, p)) / 2
+        kl += sum(qc * math.log(qc / pc) for qc, pc in zip(q, p)) / 2
+    assert lr_.soft_cross_entropy(z, zt, t).item() == pytest.approx(soft, rel=1e-6)
+    assert lr_.distillation_kl(z, zt, t).item() == pytest.approx(kl, rel=1e-6)
+    assert lr_.retain_loss(z, zt, y, t).item() == pytest.approx(ce + soft + kl, rel=1e-6)
+
+
+def test_per_epoch_cosine_schedule():
+    """``cosine_epoch``: the rate is constant within an epoch, lr * (1 + cos(pi e / E)) / 2."""
+    model = nn.Linear(2, 2)
+    rates = []
+
+    def record(m, x, y, r):
+        rates.append(opt_lr(m))
+        return nn.functional.cross_entropy(m(x), y)
+
+    state = {}
+
+    def opt_lr(m):
+        return state["opt"].param_groups[0]["lr"]
+
+    from approx import loop
+
+    real = loop.make_optimizer
+
+    def keep(m, cfg):
+        state["opt"] = real(m, cfg)
+        return state["opt"]
+
+    x = np.zeros((8, 2), dtype=np.float32)
+    y = np.zeros(8, dtype=np.int64)
+    cfg = loop.LoopConfig(epochs=3, lr=1.0, batch_size=4, schedule="cosine_epoch")
+    with unittest.mock.patch.object(loop, "make_optimizer", keep):
+        loop.train(model, x, y, np.zeros(8), record, cfg, CPU, 0)
+    expected = [(1 + math.cos(math.pi * e / 3)) / 2 for e in range(3) for _ in range(2)]
+    np.testing.assert_allclose(rates, expected, rtol=1e-6)

@@ -6,6 +6,7 @@ from . import (  # noqa: F401
     finetune,
     fisher_forgetting,
     fisher_masking,
+    layer_reset,
     negative_gradient,
     pbu,
     random_labels,
