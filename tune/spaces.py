@@ -63,6 +63,10 @@ SPACES: dict[str, Space] = {
         "lr": (ray_tune.loguniform(1e-3, 0.05), [0.005, 0.01]),
         "epochs": (ray_tune.choice([2, 5]), [5]),
     },
+    "layer_reset": {
+        "lr": (ray_tune.loguniform(1e-4, 1e-2), [1e-3]),
+        "temperature": (ray_tune.choice([2.0, 5.0]), [5.0]),
+    },
 }
 
 
