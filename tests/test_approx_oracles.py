@@ -626,3 +626,35 @@ def test_finetune_default_recipe_is_the_starting_kits_by_hand():
         w, b = w - lr * buf[0], b - lr * buf[1]
     out = run_method("finetune", model, data, _config("finetune", epochs=2, batch_size=2))
     _assert_model(out.model, w, b)
+
+
+def _adam_by_hand(w, b, grad_fn, lr, steps, beta1=0.9, beta2=0.999, eps=1e-8):
+    """Adam (no weight decay) for ``steps`` full-batch steps; grad_fn(w, b) -> (dW, db)."""
+    m = [np.zeros_like(w), np.zeros_like(b)]
+    v = [np.zeros_like(w), np.zeros_like(b)]
+    p = [w, b]
+    for t in range(1, steps + 1):
+        for i, g in enumerate(grad_fn(*p)):
+            m[i] = beta1 * m[i] + (1 - beta1) * g
+            v[i] = beta2 * v[i] + (1 - beta2) * g * g
+            p[i] = p[i] - lr * (m[i] / (1 - beta1 ** t)) / (np.sqrt(v[i] / (1 - beta2 ** t)) + eps)
+    return p
+
+
+def test_random_labels_default_recipe_by_hand():
+    """The amnesiac recipe of Foster et al.'s code: Adam lr 1e-4, 3 epochs, batch 128 (here one
+    batch per epoch), the relabelled forget set mixed with all of the retain set."""
+    from approx import run_method
+
+    c = 2
+    model, data, (xf, yf), (xr, yr) = _one_batch_problem(4, 5, c, 19)
+    w, b = _params(model)
+    x = np.concatenate([xf, xr]).astype(np.float64)
+    y = np.concatenate([1 - yf, yr])
+
+    def grads(w_, b_):
+        g = _ce_grad_logits(w_, b_, x, y, c)
+        return g.T @ x, g.sum(0)
+
+    out = run_method("random_labels", model, data)
+    _assert_model(out.model, *_adam_by_hand(w, b, grads, 1e-4, 3), atol=1e-7)
