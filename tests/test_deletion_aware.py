@@ -130,3 +130,34 @@ def test_store_records_the_placement(tiny, tmp_path):
     plan_mod._PLACEMENTS.clear()
     with pytest.raises(ValueError, match="placement.parquet was altered"):
         SISAEnsemble.open(str(tmp_path / "r"), backend="local")
+
+
+def test_cli_places_by_a_parquet_column(tiny, tmp_path, capsys):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sisa_ray.cli import main
+    from sisa_ray.datasets import write_parquet
+
+    train, _ = tiny
+    path = str(tmp_path / "train.parquet")
+    write_parquet(train, path)
+    table = pq.read_table(path)
+    # rows shuffled against the ids, so the column is matched by id, not by position
+    table = table.take(pa.array(np.random.default_rng(0).permutation(table.num_rows)))
+    ids = table.column("id").to_numpy()
+    table = table.append_column("deletion_prior", pa.array(priors(ids)))
+    pq.write_table(table, path)
+    store = str(tmp_path / "store")
+    code = main(["train", "--store", store, "--backend", "local", "--json", "--dataset",
+                 f"parquet:{path}", "--shards", "4", "--slices", "2", "--epochs", "1",
+                 "--placement", "prior", "--hot-shards", "1"])
+    res = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert [s["n_samples"] for s in res["shards"]][0] == int((train.ids % 10 == 3).sum())
+    hot = int(train.ids[train.ids % 10 == 3][0])
+    assert main(["delete", "--store", store, "--backend", "local", "--json", "--ids",
+                 str(hot)]) == 0
+    assert [s["shard"] for s in json.loads(capsys.readouterr().out)["shards"]] == [0]
