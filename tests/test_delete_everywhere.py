@@ -159,3 +159,35 @@ def test_cli_delete_reports_the_test_split(tiny, tiny_config, tmp_path, capsys):
     assert f"removed from the stored test split (no retraining): [{victim}]" in capsys.readouterr().out
     assert main(["status", "--store", store, "--backend", "local", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n_test_live"] == len(test) - 1
+
+
+def test_deletion_service_accepts_and_applies_a_test_split_id(tiny, tiny_config, tmp_path):
+    from sisa_ray.service import DeletionService
+
+    train, test = tiny
+    victim = int(test.ids[3])
+    fit(tiny_config, train, test, tmp_path / "s")
+    svc = DeletionService(SISAEnsemble.open(str(tmp_path / "s"), backend="local"))
+    try:
+        assert svc.submit([victim], request_id="t")["status"] == "pending"
+        report = svc.wait("t")["report"]
+    finally:
+        svc.close()
+    assert report["in_test_split"] == [victim] and report["shards"] == []
+    ens = SISAEnsemble.open(str(tmp_path / "s"), backend="local")
+    assert victim not in set(ens.test_data().ids.tolist())
+
+
+def test_corrupt_test_split_is_refused_before_acknowledging(tiny, tiny_config, tmp_path):
+    from sisa_ray.core.store import StoreError
+
+    train, test = tiny
+    ens = fit(tiny_config, train, test, tmp_path / "s")
+    rel = ens.manifest_.test.path
+    table = ens.store_.read_table(rel)
+    ens.store_.write_table(rel, table.slice(1))  # altered behind the manifest's back
+    before = snapshot(tmp_path / "s")
+    with pytest.raises(StoreError, match="stored test split.*corrupt"):
+        ens.unlearn([int(test.ids[5])])
+    assert snapshot(tmp_path / "s") == before
+    assert Ledger(ens.store_).requests() == {}
