@@ -103,7 +103,7 @@ def _one_line(e: BaseException, store: str | None = None) -> str:
             text = f"{store}: {text}"
         text = (f"{text}. Check the path or bucket name, the credentials and the network "
                 "(a store or cluster could not be reached)")
-    elif not isinstance(e, (*_BAD_INPUT, StoreError)) and type(e).__name__ not in text:
+    elif not isinstance(e, (*_BAD_INPUT, StoreError, OSError)) and type(e).__name__ not in text:
         text = f"{type(e).__name__}: {text}"
     if len(lines) > 1:
         text += " (more with -v)"

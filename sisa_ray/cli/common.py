@@ -240,6 +240,16 @@ class Progress:
         self.update(p["done"], p["total"], note)
 
 
+def _check_cluster(args) -> None:
+    """Before a command that starts workers shows progress: a cluster named by --address (or
+    RAY_ADDRESS) answers, else the command fails in one line at once."""
+    address = getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")
+    if getattr(args, "backend", "ray") == "ray" and address:
+        from ..executor import check_reachable
+
+        check_reachable(address)
+
+
 def _progress(args, label: str, announce: bool = False):
     """A progress callback for the ensemble, or None when progress is off. ``announce`` shows a
     line at once, while the shards' data is prepared and the workers start."""

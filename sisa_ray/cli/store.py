@@ -16,6 +16,7 @@ from .common import (
     CLIError,
     _accuracy_table,
     _add_common,
+    _check_cluster,
     _emit,
     _ensemble_kwargs,
     _open,
@@ -62,6 +63,7 @@ def cmd_train(args) -> int:
             f"{0 if test is None else len(test)} test samples)",
             file=sys.stderr,
         )
+    _check_cluster(args)
     t0 = time.perf_counter()
     ens = SISAEnsemble(config, store=args.store, backbone=args.backbone,
                        **_ensemble_kwargs(args)).fit(
@@ -128,6 +130,7 @@ _INT = re.compile(r"[+-]?[0-9]+")
 
 def cmd_delete(args) -> int:
     ids = _parse_ids(args)
+    _check_cluster(args)
     ens = _open(args)
     report = ens.unlearn(ids, request_id=args.request_id,
                          progress=_progress(args, "retrain", announce=True))
@@ -303,6 +306,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    _check_cluster(args)
     ens = _open(args, recover=False)
     if not args.json and not args.quiet:
         print("Retraining from scratch on the retained data to compare...", file=sys.stderr)
