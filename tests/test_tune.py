@@ -153,8 +153,10 @@ def test_epoch_observer_sees_every_epoch_and_changes_no_weight(tiny):
 
     def fit(hook):
         torch.manual_seed(0)
+        # dropout: training mode matters, so an observer that left the model in eval mode
+        # would change the weights
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.ReLU(),
-                                    torch.nn.Linear(8, 10))
+                                    torch.nn.Dropout(0.5), torch.nn.Linear(8, 10))
         with on_epoch_end(hook):
             train(model, x, y, r, cross_entropy, cfg, torch.device("cpu"), seed=0)
         return model
@@ -171,6 +173,28 @@ def test_epoch_observer_sees_every_epoch_and_changes_no_weight(tiny):
         assert torch.equal(a, b)
     fit(None)
     assert len(seen) == 3  # outside the block nothing is observed
+
+
+def test_best_config_comes_from_trials_that_ran_to_the_end():
+    from tune.compare import best_configs
+
+    def result(method, alpha, alignment, complete, error=None):
+        return {"config": {"method": method, method: {"alpha": alpha}, "other": {"x": 1}},
+                "metrics": {"alignment": alignment, "complete": complete}, "error": error}
+
+    results = [
+        result("ssd", 1.0, 0.30, 1.0),
+        result("ssd", 2.0, 0.01, 0.0),  # stopped early by ASHA: not a result of its config
+        result("ssd", 3.0, 0.20, 1.0),
+        result("ssd", 4.0, 0.00, 1.0, error="boom"),
+        result("fisher_forgetting", 5.0, 0.9, 0.0),  # every trial stopped: no best
+    ]
+    said = []
+    trials, best = best_configs(results, ["ssd", "fisher_forgetting"], said.append)
+    assert best == {"ssd": {"alpha": 3.0}}
+    assert [t["config"] for t in trials if t["method"] == "ssd"] == [
+        {"alpha": 1.0}, {"alpha": 2.0}, {"alpha": 3.0}, {"alpha": 4.0}]
+    assert "1 stopped early" in said[0] and "no trial completed" in said[1]
 
 
 # -- the table: spreads, F and its standard error, generic columns ------------------------------

@@ -158,6 +158,62 @@ def summarise(name: str, kind: str, per_seed: list[dict], best: dict | None,
     return row
 
 
+def every_tenth(total: int, say: Callable[[int], None]) -> Callable[[int], None]:
+    """``say(n)`` at the 10%, 20%, ... marks of ``total`` and at the end, not for every one of
+    hundreds of tasks."""
+    step = max(1, total // 10)
+    return lambda n: say(n) if n == total or n % step == 0 else None
+
+
+class TrialProgress:
+    """The observer of the Tune experiment: tells MLflow (``tracker``) of every trial as it
+    starts, reports and ends, and counts finished trials in a progress line."""
+
+    def __init__(self, tracker, total: int, say: Callable[[str], None]) -> None:
+        self._tracker, self._n = tracker, 0
+        self._tell = every_tenth(total, lambda n: say(f"[compare] Tune trials ended: {n}/{total}"))
+
+    def trial_started(self, trial_id: str, config: dict) -> None:
+        self._tracker.trial_started(trial_id, config)
+
+    def trial_result(self, trial_id: str, metrics: dict, step: int) -> None:
+        self._tracker.trial_result(trial_id, metrics, step)
+
+    def trial_finished(self, trial_id: str, error: str | None) -> None:
+        self._tracker.trial_finished(trial_id, error)
+        self._n += 1
+        self._tell(self._n)
+
+
+def best_configs(results: list[dict], methods: list[str],
+                 say: Callable[[str], None] = lambda m: None) -> tuple[list[dict], dict]:
+    """Each method's best config: the lowest alignment among its trials that ran to the end.
+
+    A trial ASHA stopped early last reported a model trained for fewer epochs than its config
+    says, so its alignment does not describe the config, and an errored trial has none. Returns
+    ``(trials, {method: params})``: one record per trial, with the method's own parameters.
+    """
+    from .spaces import trial_point
+
+    trials: list[dict] = []
+    best: dict[str, dict] = {}
+    for name in methods:
+        mine = [r for r in results if trial_point(r["config"])[0] == name]
+        for i, r in enumerate(mine):
+            trials.append({"method": name, "index": i, **r, "config": trial_point(r["config"])[1]})
+        done = [r for r in mine if r["error"] is None and r["metrics"].get("complete") == 1.0]
+        if not done:
+            say(f"[compare] {name}: no trial completed: "
+                f"{next((r['error'] for r in mine if r['error']), 'stopped early')}")
+            continue
+        top = min(done, key=lambda r: r["metrics"]["alignment"])
+        best[name] = trial_point(top["config"])[1]
+        stopped = sum(1 for r in mine if r["error"] is None and r not in done)
+        say(f"[compare] {name}: {len(mine)} trial(s), {stopped} stopped early, best alignment "
+            f"{top['metrics']['alignment']:.4f} with {best[name] or 'defaults'}")
+    return trials, best
+
+
 def _run_tasks(submit: list[Callable], limit: int | None, done: Callable[[int], None]) -> list:
     """Ray tasks with at most ``limit`` in flight (``submit[i]()`` starts one and returns its
     ref); results in submission order; ``done(n)`` after each completion."""
@@ -278,7 +334,9 @@ def _compare(cfg: CompareConfig, problem: Problem, train_set, methods: list[str]
     seed_task = ray.remote(num_cpus=1)(train_seed)
     problem.seeds = _run_tasks(
         [lambda s=s: seed_task.remote(problem_ref, train_ref, s) for s in range(cfg.seeds)],
-        cfg.max_concurrent, lambda n: say(f"[compare] models trained for {n}/{cfg.seeds} seed(s)"),
+        cfg.max_concurrent,
+        every_tenth(cfg.seeds, lambda n: say(f"[compare] models trained for {n}/{cfg.seeds} "
+                                             "seed(s)")),
     )
     problem_ref = ray.put(problem)
 
@@ -286,31 +344,19 @@ def _compare(cfg: CompareConfig, problem: Problem, train_set, methods: list[str]
     space = optuna_space(methods, task) if cfg.search == "optuna" else experiment_space(
         methods, task, cfg.search)
     samples = {"random": cfg.num_samples, "grid": 1, "optuna": cfg.num_samples * len(methods)}
+    n_trials = len(space["point"]["grid_search"]) if cfg.search == "grid" \
+        else cfg.num_samples * len(methods)
     say(f"[compare] one Tune experiment over {len(methods)} method(s): {', '.join(methods)}")
     results = run_experiment(
         _trial, space, search=cfg.search, num_samples=samples[cfg.search], metric="alignment",
         mode="min", name="compare", storage_path=str(out / "tune"), seed=cfg.seed,
         resources={"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial},
         max_concurrent=cfg.max_concurrent, scheduler=cfg.scheduler,
-        group=lambda c: trial_point(c)[0], observer=mlrun, verbose=verbose,
+        group=lambda c: trial_point(c)[0], observer=TrialProgress(mlrun, n_trials, say),
+        verbose=verbose,
         problem=problem, device=device, threads=threads,
     )
-    trials: list[dict] = []
-    best: dict[str, dict] = {}
-    for name in methods:
-        mine = [r for r in results if trial_point(r["config"])[0] == name]
-        for i, r in enumerate(mine):
-            trials.append({"method": name, "index": i, **r, "config": trial_point(r["config"])[1]})
-        done = [r for r in mine if r["error"] is None and r["metrics"].get("complete") == 1.0]
-        if not done:
-            say(f"[compare] {name}: no trial completed: "
-                f"{next((r['error'] for r in mine if r['error']), 'stopped early')}")
-            continue
-        top = min(done, key=lambda r: r["metrics"]["alignment"])
-        best[name] = trial_point(top["config"])[1]
-        stopped = sum(1 for r in mine if r["error"] is None and r not in done)
-        say(f"[compare] {name}: {len(mine)} trial(s), {stopped} stopped early, best alignment "
-            f"{top['metrics']['alignment']:.4f} with {best[name] or 'defaults'}")
+    trials, best = best_configs(results, methods, say)
 
     rerun = ray.remote(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial)(_rerun)
     reference = ray.remote(num_cpus=1)(_reference_seed)
@@ -318,8 +364,8 @@ def _compare(cfg: CompareConfig, problem: Problem, train_set, methods: list[str]
     submit = [lambda n=n, s=s: rerun.remote(problem_ref, n, best[n], s, device) for n, s in jobs]
     submit += [lambda s=s: reference.remote(problem_ref, s) for s in range(cfg.seeds)]
     total = len(submit)
-    finished = _run_tasks(submit, cfg.max_concurrent,
-                          lambda n: say(f"[compare] best configs on every seed: {n}/{total}"))
+    finished = _run_tasks(submit, cfg.max_concurrent, every_tenth(
+        total, lambda n: say(f"[compare] best configs and references on every seed: {n}/{total}")))
     per_method: dict[str, list[dict]] = {name: [] for name in best}
     for (name, _), res in zip(jobs, finished):
         per_method[name].append(res)
