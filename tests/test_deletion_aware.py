@@ -161,3 +161,14 @@ def test_cli_places_by_a_parquet_column(tiny, tmp_path, capsys):
     assert main(["delete", "--store", store, "--backend", "local", "--json", "--ids",
                  str(hot)]) == 0
     assert [s["shard"] for s in json.loads(capsys.readouterr().out)["shards"]] == [0]
+
+
+def test_streamed_parquet_with_a_placement_is_refused(tiny, tmp_path):
+    from sisa_ray.datasets import write_parquet
+    from sisa_ray.ingest import ParquetSource
+
+    train, _ = tiny
+    write_parquet(train, str(tmp_path / "t.parquet"))
+    sharding = with_placement(SHARDING, train.ids, priors(train.ids))
+    with pytest.raises(ValueError, match="needs the training data in memory"):
+        fit(tmp_path, "p", ParquetSource(str(tmp_path / "t.parquet")), sharding)
