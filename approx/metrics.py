@@ -94,7 +94,7 @@ def mia_loss_starting_kit(forget_losses: np.ndarray, test_losses: np.ndarray, se
 
 
 def mia_accuracy(forget_losses: np.ndarray, test_losses: np.ndarray, seed: int = 0,
-                 folds: int = 10) -> float:
+                 folds: int = 5) -> float:
     """Former name of :func:`mia_loss_starting_kit` (``folds`` is its ``n_splits``)."""
     return mia_loss_starting_kit(forget_losses, test_losses, seed=seed, n_splits=folds)
 
@@ -176,11 +176,14 @@ def jsdiv_bad_teaching(p: np.ndarray, q: np.ndarray) -> float:
     p, q : numpy.ndarray
         Probability matrices of shape (n_samples, n_classes).
     """
-    pt = torch.as_tensor(np.asarray(p, dtype=np.float64))
-    qt = torch.as_tensor(np.asarray(q, dtype=np.float64))
-    m = (pt + qt) / 2
-    kl_mp = nn.functional.kl_div(torch.log(pt), m, reduction="mean")
-    kl_mq = nn.functional.kl_div(torch.log(qt), m, reduction="mean")
+    from scipy.special import xlogy
+
+    p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
+    m = (p + q) / 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # PyTorch's kl_div(input, target) entry by entry: xlogy(target, target) - target * input
+        kl_mp = (xlogy(m, m) - m * np.log(p)).mean()
+        kl_mq = (xlogy(m, m) - m * np.log(q)).mean()
     return float(0.5 * kl_mp + 0.5 * kl_mq)
 
 
@@ -428,6 +431,39 @@ def regression_scores(model: nn.Module, gold: nn.Module, forget: SampleSet, test
 
 @dataclass
 class Evaluation:
+    """One model's metrics; the field names are stable (the comparison table and MLflow use them).
+
+    Attributes
+    ----------
+    retain_acc, forget_acc, test_acc
+        Accuracy on each set.
+    mia
+        The NeurIPS 2023 starting kit's loss MIA, forget vs test (:func:`mia_loss_starting_kit`):
+        cross-validated accuracy, 0.5 = the attacker cannot tell.
+    mia_entropy_ssd
+        The bad-teaching / SSD papers' entropy MIA (:func:`mia_entropy_ssd`): fraction of the
+        forget set an attack trained on retain vs test calls members. The number to set beside
+        those papers' "MIA" columns.
+    seconds
+        Time the method took.
+    retain_gap, forget_gap, test_gap, mia_gap
+        The model's value minus the gold model's.
+    activation_distance
+        Mean L2 distance between the model's and the gold model's softmax on the forget set.
+    js_divergence
+        True Jensen-Shannon divergence between the same two (:func:`js_divergence`).
+    jsdiv_bad_teaching
+        The bad-teaching / SSD code's ``JSDiv`` between the same two (:func:`jsdiv_bad_teaching`).
+    zrf
+        Zero Retrain Forgetting score, ``1 - JSDiv`` against a randomly initialised model of the
+        same architecture on the forget set (:func:`zrf_score`); NaN unless ``evaluate`` is given
+        ``incompetent``.
+    time_ratio
+        ``seconds`` over the gold model's retraining time.
+    retain_mae, forget_mae, test_mae, utility, forgetting, combined
+        Regression only (:func:`regression_scores`).
+    """
+
     retain_acc: float
     forget_acc: float
     test_acc: float
@@ -440,6 +476,10 @@ class Evaluation:
     activation_distance: float = float("nan")
     js_divergence: float = float("nan")
     time_ratio: float = float("nan")
+    # comparable with the bad-teaching and SSD papers' tables
+    mia_entropy_ssd: float = float("nan")
+    jsdiv_bad_teaching: float = float("nan")
+    zrf: float = float("nan")
     # regression
     retain_mae: float = float("nan")
     forget_mae: float = float("nan")
@@ -456,29 +496,37 @@ def evaluate(
     model: nn.Module, forget: SampleSet, retain: SampleSet, test: SampleSet, *,
     seconds: float = float("nan"), gold: nn.Module | None = None,
     gold_eval: Evaluation | None = None, device="cpu", seed: int = 0,
+    incompetent: nn.Module | None = None,
 ) -> Evaluation:
     """All single-model metrics, and the gaps to ``gold`` when given (``gold_eval`` caches the
-    gold model's own numbers). Regression gets MAEs, the MIA on squared errors, and the utility,
-    forgetting and combined scores against the gold model."""
+    gold model's own numbers); ``incompetent``, a randomly initialised model of the same
+    architecture, gives the ZRF score. Regression gets MAEs, the MIA on squared errors, and the
+    utility, forgetting and combined scores against the gold model."""
     if forget.task == "regression":
         return _evaluate_regression(model, forget, retain, test, seconds, gold, gold_eval,
                                     device, seed)
+    p_forget = softmax(logits(model, forget, device))
     ev = Evaluation(
         retain_acc=accuracy(model, retain, device), forget_acc=accuracy(model, forget, device),
         test_acc=accuracy(model, test, device),
-        mia=mia_accuracy(per_sample_loss(model, forget, device),
-                         per_sample_loss(model, test, device), seed=seed),
+        mia=mia_loss_starting_kit(per_sample_loss(model, forget, device),
+                                  per_sample_loss(model, test, device), seed=seed),
+        mia_entropy_ssd=mia_entropy_ssd(softmax(logits(model, retain, device)), p_forget,
+                                        softmax(logits(model, test, device))),
         seconds=seconds,
     )
+    if incompetent is not None:
+        ev.zrf = zrf_score(p_forget, softmax(logits(incompetent, forget, device)))
     if gold is not None:
         g = gold_eval or evaluate(gold, forget, retain, test, device=device, seed=seed)
         ev.retain_gap = ev.retain_acc - g.retain_acc
         ev.forget_gap = ev.forget_acc - g.forget_acc
         ev.test_gap = ev.test_acc - g.test_acc
         ev.mia_gap = ev.mia - g.mia
-        p, q = softmax(logits(model, forget, device)), softmax(logits(gold, forget, device))
-        ev.activation_distance = activation_distance(p, q)
-        ev.js_divergence = js_divergence(p, q)
+        q = softmax(logits(gold, forget, device))
+        ev.activation_distance = activation_distance(p_forget, q)
+        ev.js_divergence = js_divergence(p_forget, q)
+        ev.jsdiv_bad_teaching = jsdiv_bad_teaching(p_forget, q)
         if g.seconds == g.seconds and g.seconds > 0:
             ev.time_ratio = seconds / g.seconds
     return ev
@@ -489,8 +537,8 @@ def _evaluate_regression(model, forget, retain, test, seconds, gold, gold_eval, 
     nan = float("nan")
     ev = Evaluation(
         retain_acc=nan, forget_acc=nan, test_acc=nan,
-        mia=mia_accuracy(per_sample_loss(model, forget, device),
-                         per_sample_loss(model, test, device), seed=seed),
+        mia=mia_loss_starting_kit(per_sample_loss(model, forget, device),
+                                  per_sample_loss(model, test, device), seed=seed),
         seconds=seconds, retain_mae=mae(model, retain, device),
         forget_mae=mae(model, forget, device), test_mae=mae(model, test, device),
     )
