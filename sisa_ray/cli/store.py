@@ -438,7 +438,9 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("predict", help="predict with the live ensemble")
     _add_common(p)
-    p.add_argument("--input", required=True, help="Parquet with 'id' and 'features'")
+    p.add_argument("--input", required=True,
+                   help="Parquet with 'id' (int64) and 'features' (a list of floats per row); an "
+                        "optional 'label' is carried through and scored")
     p.add_argument("--output", required=True, help="Parquet to write")
     p.add_argument("--vote", choices=["hard", "soft", "mean", "median"], default="hard",
                    help="classification: hard (majority) or soft; regression: mean or median")
