@@ -30,6 +30,7 @@ TINY = {
     "random_labels": {"epochs": 10, "lr": 1e-3},
     "random_perturbation": {"beta": 0.5, "epochs": 3},
     "fisher_forgetting": {"alpha": 1e-5},
+    "layer_reset": {"epochs": 20, "lr": 0.01, "warmup_lr": 0.01},
     "twin_mu": {"twin_epochs": 3, "classifier_epochs": 50},
     "pbu": {"epochs": 3, "lr": 3e-3},
 }
