@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import math
-import unittest.mock
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ import torch
 from approx_fixtures import fit_model, make_problem
 from torch import nn
 
-from approx import SubclassForget, run_method
+from approx import SubclassForget, loop, run_method
 from approx.methods import fisher_masking as fm
 from approx.methods import layer_reset as lr_
 from approx.methods import twin_mu as tm
@@ -386,32 +385,18 @@ def test_retain_loss_by_hand_on_a_tiny_batch():
     assert lr_.retain_loss(z, zt, y, t).item() == pytest.approx(ce + soft + kl, rel=1e-6)
 
 
-def test_per_epoch_cosine_schedule():
+def test_per_epoch_cosine_schedule(monkeypatch):
     """``cosine_epoch``: the rate is constant within an epoch, lr * (1 + cos(pi e / E)) / 2."""
-    model = nn.Linear(2, 2)
-    rates = []
+    made, rates = [], []
+    real = loop.make_optimizer
+    monkeypatch.setattr(loop, "make_optimizer", lambda m, cfg: made.append(real(m, cfg)) or made[-1])
 
     def record(m, x, y, r):
-        rates.append(opt_lr(m))
+        rates.append(made[0].param_groups[0]["lr"])
         return nn.functional.cross_entropy(m(x), y)
 
-    state = {}
-
-    def opt_lr(m):
-        return state["opt"].param_groups[0]["lr"]
-
-    from approx import loop
-
-    real = loop.make_optimizer
-
-    def keep(m, cfg):
-        state["opt"] = real(m, cfg)
-        return state["opt"]
-
-    x = np.zeros((8, 2), dtype=np.float32)
-    y = np.zeros(8, dtype=np.int64)
+    x, y = np.zeros((8, 2), dtype=np.float32), np.zeros(8, dtype=np.int64)
     cfg = loop.LoopConfig(epochs=3, lr=1.0, batch_size=4, schedule="cosine_epoch")
-    with unittest.mock.patch.object(loop, "make_optimizer", keep):
-        loop.train(model, x, y, np.zeros(8), record, cfg, CPU, 0)
+    loop.train(nn.Linear(2, 2), x, y, np.zeros(8), record, cfg, CPU, 0)
     expected = [(1 + math.cos(math.pi * e / 3)) / 2 for e in range(3) for _ in range(2)]
     np.testing.assert_allclose(rates, expected, rtol=1e-6)
