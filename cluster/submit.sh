@@ -11,7 +11,7 @@ set -euo pipefail
 : "${RAY_ADDRESS:?set RAY_ADDRESS to the job server of the cluster, e.g. http://head:8265}"
 cd "$(dirname "$0")/.."
 RUNTIME_ENV='{"pip": ["torch==2.14.1", "torchvision==0.29.1", "mlflow>=3,<4", "optuna>=3.6,<6",
-  "scikit-learn>=1.4,<2", "matplotlib>=3.7", "psutil>=5.9", "tqdm>=4.60", "boto3>=1.36"],
+  "scikit-learn>=1.4,<2", "matplotlib>=3.7", "psutil>=5.9", "tqdm>=4.60", "scipy>=1.10", "boto3>=1.36"],
   "env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}'
 ADDRESS=(--address auto)
 for arg in "$@"; do

@@ -102,7 +102,8 @@ def test_every_module_compare_and_bench_import_is_installed_on_the_cluster():
     for module in sorted(third_party_imports(["sisa_ray", "approx", "tune"])):
         if module in optional:
             continue
-        dists = {d.lower() for d in owners.get(module, [module])} | {brought_by.get(module)}
+        dists = {d.lower() for d in owners.get(module, [module])}
+        dists |= {brought_by[module]} if module in brought_by else set()
         if not dists & setup:
             missing.append((module, sorted(dists)))
     assert missing == []
