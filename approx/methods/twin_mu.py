@@ -51,7 +51,8 @@ Where the paper is silent, the code decides (file names from the repository):
   (``Custom_dataset.randomlabel``), the easy ones keep theirs, and the model fine-tunes on them
   with the retain set: SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 64, 5 epochs. The
   code's ``noise_train`` (module ``un``) is not in the public repository, so its noise term is
-  not reproduced; the original model, not the twin, is the one unlearned (the paper's setting).
+  not reproduced. The code fine-tunes the twin model here; this module unlearns the original
+  model, the twin serving only to train the classifier (the original problem of the paper).
 """
 
 from __future__ import annotations
