@@ -658,3 +658,43 @@ def test_random_labels_default_recipe_by_hand():
 
     out = run_method("random_labels", model, data)
     _assert_model(out.model, *_adam_by_hand(w, b, grads, 1e-4, 3), atol=1e-7)
+
+
+def test_bad_teacher_default_recipe_by_hand():
+    """The reference's blindspot defaults: Adam lr 1e-4, one epoch, batch 256, temperature 1,
+    int(0.3 * len(retain)) retain samples. The retain set is five copies of one sample, so which
+    ones are drawn does not matter, only how many: int(1.5) = 1."""
+    from approx import UnlearningData, run_method
+    from approx.methods.bad_teacher import reinitialised
+    from sisa_ray.core.training import seeded
+
+    c, seed = 3, 2
+    xf, yf = _points(4, 4, c, 20)
+    xr1, yr1 = _points(1, 4, c, 21)
+    data = UnlearningData(forget=_samples(xf, yf, c, 100),
+                          retain=_samples(np.repeat(xr1, 5, axis=0), np.repeat(yr1, 5), c),
+                          request=RandomForget(fraction=0.4))
+    model = _linear(4, c, 20)
+    w, b = _params(model)
+    with seeded(seed, torch.device("cpu")):
+        bw, bb = _params(reinitialised(model))
+
+    def grads_for(n_retain):
+        x = np.concatenate([xf, np.repeat(xr1, n_retain, axis=0)]).astype(np.float64)
+        target = np.concatenate([_softmax(x[:4] @ bw.T + bb), _softmax(x[4:] @ w.T + b)])
+
+        def grads(w_, b_):
+            g = (_softmax(x @ w_.T + b_) - target) / (len(x) * c)
+            return g.T @ x, g.sum(0)
+
+        return grads
+
+    out = run_method("bad_teacher", model, data, seed=seed)
+    _assert_model(out.model, *_adam_by_hand(w, b, grads_for(1), 1e-4, 1), atol=1e-7)
+    # Adam's first step is nearly sign-only; an SGD step shows the retain count itself
+    out = run_method("bad_teacher", model, data, _config("bad_teacher", lr=5.0, **SGD_ONE_BATCH),
+                     seed=seed)
+    sgd = [p - 5.0 * g for p, g in zip((w, b), grads_for(1)(w, b))]
+    _assert_model(out.model, *sgd)
+    rounded = [p - 5.0 * g for p, g in zip((w, b), grads_for(2)(w, b))]
+    assert np.abs(rounded[0] - sgd[0]).max() > 1e-3
