@@ -26,7 +26,10 @@ class FisherForgettingConfig:
     dimensions (a matrix's row; a conv kernel ``(out, in, kh, kw)`` keeps its spatial positions
     and is averaged over input channels only), variance x10 for the output layer and
     one-dimensional parameters; for class forgetting the forgotten class's output row (weight and
-    bias) is set to 0 with variance 1e-4 before the x10."""
+    bias) is set to 0 with variance 1e-4 before the x10. The reference recognises the output
+    layer as the parameters whose first dimension equals the number of classes; here it is the
+    model's last ``nn.Linear``, the same layer without mistaking a hidden layer that happens to
+    have as many units as there are classes."""
 
     alpha: float = 1e-6
     max_var: float = 1e3
