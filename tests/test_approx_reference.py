@@ -99,13 +99,10 @@ def reference_mask_fisher(model, forget, retain, remove_ratio):
 def cnn_problem(digits):
     train, _, data = make_problem(digits, request=SubclassForget(label=3, fraction=0.5))
     model = build_model("cnn", train.input_shape, train.n_classes, hidden=16, seed=0)
-    from approx.loop import RETAIN, LoopConfig, cross_entropy, stack
-    from approx.loop import train as fit
-
-    x, y, r = stack((train, RETAIN))
-    cfg = LoopConfig(epochs=8, lr=3e-3, optimizer="adam", weight_decay=0.0, batch_size=32)
+    x, y, r = loop.stack((train, loop.RETAIN))
+    cfg = loop.LoopConfig(epochs=8, lr=3e-3, optimizer="adam", weight_decay=0.0, batch_size=32)
     with deterministic_torch(1), seeded(0, CPU):
-        fit(model, x, y, r, cross_entropy, cfg, CPU, 0)
+        loop.train(model, x, y, r, loop.cross_entropy, cfg, CPU, 0)
     return model.eval(), data
 
 
