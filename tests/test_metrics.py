@@ -84,6 +84,30 @@ def test_interval_attack_hand_value():
     assert forgetting_quality(u, r) == 0.25
 
 
+def test_threshold_attack_hand_value():
+    # The retrained side (median 13.5 > -7.5) is positive for thresholds: t in (5, 12] gives
+    # FNR = 1/4 (0 below), FPR = 1/4 (13 above): eps = log(3 - 4d) = 1.0986 -> 1/4 point.
+    u = column([-30.0, -20.0, 5.0, 13.0])
+    r = column([0.0, 12.0, 15.0, 20.0])
+    # Intervals (positive: the retrained side, spread 20 < 43) end within 20 +- 2 and start
+    # within 0 +- 4, so they hold 5 or 13 with 12, 15: at best FNR = 1/4, FPR = 2/4 -> log(2 - 4d).
+    assert example_epsilon(u, r) == pytest.approx(math.log(3 - 4 * D), rel=1e-6)
+    assert forgetting_quality(u, r) == 0.25
+
+
+def test_equal_medians_make_the_unlearned_side_positive():
+    # M = 3, medians 6 = 6: the unlearned side is positive for thresholds ("value >= t"); equal
+    # spreads (2 = 2) make the other side, the retrained one, positive inside intervals.
+    u, r = column([5.0, 6.0, 7.0]), column([4.0, 6.0, 6.0])
+    # Thresholds: t in (5, 6] has FNR = 1/3, FPR = 2/3 -> eps < 0 -> 0; others drop out.
+    # Interval [l, r] with l in (5, 6], r in [6, 7) holds the retrained 6, 6 and the unlearned 6:
+    # FNR = 1/3, FPR = 1/3 -> eps = log((1 - d - 1/3) / (1/3)) = log(2 - 3d) -> bin [0.5, 1).
+    assert example_epsilon(u, r) == pytest.approx(math.log(2 - 3 * D), rel=1e-6)
+    assert forgetting_quality(u, r) == 0.5
+    # The other way round, no attack beats eps = 0 (ceil(log 2) = 1: one point)
+    assert forgetting_quality(r, u) == 1.0
+
+
 def test_degenerate_spread_gets_the_capped_epsilon():
     r = column([0.0, 5.0, 5.0, 10.0])  # spread 10
     # A spike: spread 0 < 1% of 10 -> eps = 50 -> 0 points. (The attacks alone would give 0:
@@ -132,6 +156,20 @@ def test_shapes_are_checked():
 
 
 # -- the values the reference gives on synthetic arrays (checked against metric.py itself) ---------
+
+
+def test_epsilons_equal_the_reference_bit_for_bit():
+    # Values on a grid of 0.5, so many fall on each other and on thresholds. The expected list is
+    # what google-deepmind/unlearning_evaluation's _get_epsilons (float32 rates) returns on them.
+    rng = np.random.default_rng(7)
+    u = np.round(rng.normal(size=(8, 16)) * 2) / 2
+    r = np.round((rng.normal(size=(8, 16)) * rng.uniform(0.3, 3, 16) + rng.uniform(-3, 3, 16)) * 2) / 2
+    expected = [1.9458987712860107, 1.7917461395263672, 0.9162747263908386, 1.609421968460083,
+                1.9458987712860107, 1.098585605621338, 1.9458987712860107, 0.6931071281433105,
+                1.9458987712860107, 1.7917461395263672, 1.7917461395263672, 0.6931071281433105,
+                1.9458987712860107, 1.7917461395263672, 1.9458987712860107, 1.9458987712860107]
+    assert [example_epsilon(u[:, j], r[:, j]) for j in range(16)] == expected
+    assert forgetting_quality(u, r) == 0.203125
 
 
 def test_same_distribution_with_32_models():
