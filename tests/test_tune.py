@@ -143,6 +143,70 @@ def test_tune_bookkeeping_is_not_a_measurement():
     assert measurements(result) == {"alignment": 0.2, "forget_acc": 1.0}
 
 
+class _Recorder:
+    def __init__(self):
+        self.events = []
+
+    def trial_started(self, trial_id, config):
+        self.events.append(("start", trial_id))
+
+    def trial_result(self, trial_id, metrics, step):
+        self.events.append(("result", trial_id, step, set(metrics)))
+
+    def trial_finished(self, trial_id, error):
+        self.events.append(("end", trial_id, error))
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("search", ["grid", "optuna"])
+def test_one_experiment_runs_every_method_and_stops_only_within_a_method(ray_session, tmp_path,
+                                                                        search):
+    """Grid: method a with x = 0.1 and 0.9, method b with x = 0.5. Trials run one at a time
+    (max_concurrent=1) in grid order, so at epoch 1 a's 0.9 is behind a's 0.1 and stopped
+    there, while b's 0.5, worse than a's best, runs all three epochs. Optuna: the conditional
+    space suggests each trial only its own method's parameters."""
+    from tune.ray_compat import run_experiment
+    from tune.spaces import optuna_space, space_for, trial_point
+
+    def toy(config: dict) -> None:  # nested: shipped to the workers by value
+        """Three epochs of a made-up alignment: the trial's ``x`` (grid), else 0.5."""
+        from tune.ray_compat import report
+        from tune.spaces import trial_point
+
+        value = float(trial_point(config)[1].get("x", 0.5))
+        for epoch in (1, 2, 3):
+            report({"alignment": value, "epoch": epoch, "complete": float(epoch == 3)})
+
+    if search == "grid":
+        from ray import tune as ray_tune
+
+        points = [{"method": "a", "a": {"x": 0.1}}, {"method": "a", "a": {"x": 0.9}},
+                  {"method": "b", "b": {"x": 0.5}}]
+        space, samples = {"point": ray_tune.grid_search(points)}, 1
+    else:
+        space, samples = optuna_space(["ssd", "finetune"], "classification"), 4
+    rec = _Recorder()
+    results = run_experiment(
+        toy, space, search=search, num_samples=samples, metric="alignment",
+        mode="min", name="toy", storage_path=str(tmp_path), seed=0, resources={"cpu": 1},
+        max_concurrent=1, group=lambda c: trial_point(c)[0], observer=rec)
+    assert len(results) == (3 if search == "grid" else 4)
+    assert all(r["error"] is None for r in results)
+    for r in results:  # bookkeeping stays out of the measurements
+        assert "pid" not in r["metrics"] and "training_iteration" not in r["metrics"]
+    starts = [e for e in rec.events if e[0] == "start"]
+    ends = [e for e in rec.events if e[0] == "end"]
+    assert len(starts) == len(ends) == len(results)  # the observer heard of every trial
+    if search == "grid":
+        iters = {trial_point(r["config"])[1]["x"]: r["iterations"] for r in results}
+        assert iters == {0.1: 3, 0.9: 1, 0.5: 3}
+    else:
+        for r in results:
+            method, params = trial_point(r["config"])
+            assert set(params) == set(space_for(method)), (method, params)
+            assert set(r["config"]) == {"method", method}  # no other method's draws
+
+
 # -- the epoch observer the per-epoch reports rely on --------------------------------------------
 
 

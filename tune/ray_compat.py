@@ -105,14 +105,14 @@ class PerMethodASHA(FIFOScheduler):
     ``group`` maps a trial's config to its method.
     """
 
-    def __init__(self, group: Callable[[dict], str], *, grace_period: int = 1,
+    def __init__(self, group: Callable[[dict], str], *, metric: str | None = None,
+                 mode: str | None = None, grace_period: int = 1,
                  reduction_factor: float = 2.0) -> None:
         super().__init__()
         self._group = group
         self._grace, self._rf = grace_period, reduction_factor
         self._asha: dict[str, ASHAScheduler] = {}
-        self._metric: str | None = None
-        self._mode: str | None = None
+        self._metric, self._mode = metric, mode
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         self._metric, self._mode = metric or self._metric, mode or self._mode
@@ -185,14 +185,18 @@ def run_experiment(
     if search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg, space = OptunaSearch(space=param_space, seed=seed), {}
+        # a define-by-run space: the searcher owns metric and mode, TuneConfig must not repeat
+        search_alg, space = OptunaSearch(space=param_space, metric=metric, mode=mode,
+                                         seed=seed), {}
     else:
         from ray.tune.search import BasicVariantGenerator
 
         search_alg = BasicVariantGenerator(random_state=seed)
     sched = FIFOScheduler()
     if scheduler == "asha":
-        sched = PerMethodASHA(group) if group is not None else ASHAScheduler()
+        sched = PerMethodASHA(group, metric=metric, mode=mode) if group is not None \
+            else ASHAScheduler(metric=metric, mode=mode)
+    owned = search == "optuna"
     wrapped = ray_tune.with_resources(ray_tune.with_parameters(trainable, **constants),
                                       resources or {"cpu": 1.0})
     # the legacy reporter honours verbose=0; the new one prints a box per experiment
@@ -201,7 +205,8 @@ def run_experiment(
         wrapped,
         param_space=space,
         tune_config=ray_tune.TuneConfig(
-            metric=metric, mode=mode, num_samples=num_samples, search_alg=search_alg,
+            metric=None if owned else metric, mode=None if owned else mode,
+            num_samples=num_samples, search_alg=search_alg,
             scheduler=sched, max_concurrent_trials=max_concurrent,
         ),
         run_config=ray_tune.RunConfig(

@@ -123,14 +123,18 @@ def experiment_space(methods: list[str], task: str, search: str) -> dict[str, An
     return out
 
 
-def optuna_space(methods: list[str], task: str):
+class OptunaSpace:
     """A define-by-run space for Optuna: the method is a categorical choice and only its own
     parameters are suggested (Optuna's conditional spaces). Names ``method/field`` come back
-    from Tune as the nested ``{method: {field: value}}`` of :func:`experiment_space`."""
+    from Tune as the nested ``{method: {field: value}}`` of :func:`experiment_space`. A class,
+    not a closure: Tune pickles the searcher, space included, into its experiment state."""
 
-    def define(trial) -> None:
-        method = trial.suggest_categorical("method", list(methods))
-        for name, (domain, _) in space_for(method, task).items():
+    def __init__(self, methods: list[str], task: str) -> None:
+        self.methods, self.task = list(methods), task
+
+    def __call__(self, trial) -> None:
+        method = trial.suggest_categorical("method", self.methods)
+        for name, (domain, _) in space_for(method, self.task).items():
             key = f"{method}/{name}"
             if isinstance(domain, ray_tune.search.sample.Categorical):
                 trial.suggest_categorical(key, list(domain.categories))
@@ -139,7 +143,10 @@ def optuna_space(methods: list[str], task: str):
             else:
                 trial.suggest_float(key, domain.lower, domain.upper)
 
-    return define
+
+def optuna_space(methods: list[str], task: str) -> OptunaSpace:
+    """The define-by-run space of :class:`OptunaSpace` over ``methods``."""
+    return OptunaSpace(methods, task)
 
 
 def trial_point(config: dict) -> tuple[str, dict]:
