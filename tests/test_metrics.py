@@ -95,6 +95,16 @@ def test_threshold_attack_hand_value():
     assert forgetting_quality(u, r) == 0.25
 
 
+def test_threshold_attack_counts_values_equal_to_the_threshold():
+    # The last threshold is the overall maximum, 10, exactly. "value >= 10" flags the retrained
+    # 10, 10, 10 (FNR = 1/4) and the unlearned 10 (FPR = 1/4): eps = log(3 - 4d). The threshold
+    # before it (10 - 10/999) also flags 9.995 (FPR = 2/4: log(2 - 4d)). Intervals (positive: the
+    # retrained side, spread 8 < 10) start within 10 - 8 +- 2 = [0, 4], so they hold 9.995 too.
+    u, r = column([0.0, 1.0, 9.995, 10.0]), column([2.0, 10.0, 10.0, 10.0])
+    assert example_epsilon(u, r) == pytest.approx(math.log(3 - 4 * D), rel=1e-6)
+    assert forgetting_quality(u, r) == 0.25
+
+
 def test_equal_medians_make_the_unlearned_side_positive():
     # M = 3, medians 6 = 6: the unlearned side is positive for thresholds ("value >= t"); equal
     # spreads (2 = 2) make the other side, the retrained one, positive inside intervals.
@@ -170,6 +180,17 @@ def test_epsilons_equal_the_reference_bit_for_bit():
                 1.9458987712860107, 1.7917461395263672, 1.9458987712860107, 1.9458987712860107]
     assert [example_epsilon(u[:, j], r[:, j]) for j in range(16)] == expected
     assert forgetting_quality(u, r) == 0.203125
+
+
+def test_integer_epsilons_equal_the_reference_bit_for_bit():
+    # Integers with M = 4: interval ends land on data values (inclusive ends matter).
+    rng = np.random.default_rng(2)
+    u = rng.integers(0, 8, size=(4, 24)).astype(float)
+    r = (rng.integers(0, 8, size=(4, 24)) * rng.integers(1, 3, 24) + rng.integers(-3, 4, 24)).astype(float)
+    a, b, c = 1.0985989570617676, 0.6931271553039551, EPSILON_CAP  # log(3 - 4d), log(2 - 4d) in float32
+    expected = [a, a, a, b, a, c, 0.0, a, b, b, b, a, a, a, a, a, a, b, a, a, a, b, b, b]
+    assert [example_epsilon(u[:, j], r[:, j]) for j in range(24)] == expected
+    assert forgetting_quality(u, r) == pytest.approx(0.3541666666666667, rel=1e-15)
 
 
 def test_same_distribution_with_32_models():
