@@ -2,11 +2,14 @@
 forget set), and how well an attacker can still tell the forget set apart.
 
 * accuracy on retain / forget / test sets and each one's gap to the gold model;
-* a membership inference attack (MIA): logistic regression on per-sample losses, forget vs test,
-  balanced, cross-validated accuracy (0.5 = the attacker cannot tell);
+* the NeurIPS 2023 starting kit's membership inference attack (MIA): logistic regression on
+  per-sample losses, forget vs test, balanced, cross-validated accuracy (0.5 = the attacker cannot
+  tell); and, to compare with the bad-teaching and SSD papers, their entropy MIA;
 * activation distance: mean L2 distance between two models' softmax outputs;
-* Jensen-Shannon divergence between two models' softmax outputs;
-* the NeurIPS 2023 Machine Unlearning challenge's forgetting quality F and its final score.
+* the Jensen-Shannon divergence between two models' softmax outputs; and, to compare with those
+  papers, their ``JSDiv`` (another quantity) and the ZRF score built on it;
+* the NeurIPS 2023 Machine Unlearning challenge's forgetting quality F, computed as the
+  challenge's own metric code computes it, and its final score.
 """
 
 from __future__ import annotations
