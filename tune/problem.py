@@ -27,7 +27,7 @@ from torch import nn
 
 from approx import UnlearningData, run_method
 from approx.loop import RETAIN, LoopConfig, cross_entropy, on_epoch_end, stack, train
-from approx.metrics import Evaluation, evaluate, logit_margin, logits
+from approx.metrics import Evaluation, evaluate, logit_scaled_confidence, logits
 from approx.requests import ForgetRequest
 from sisa_ray.core.config import ShardingConfig, SISAConfig, TrainingConfig
 from sisa_ray.core.data import SampleSet
@@ -225,13 +225,14 @@ def score(problem: Problem, model: nn.Module, seconds: float, seed_index: int = 
         gold_eval = evaluate(gold, problem.forget, problem.retain, problem.test,
                              seconds=trained.retrain_seconds, seed=seed_index)
     return evaluate(model, problem.forget, problem.retain, problem.test, seconds=seconds,
-                    gold=gold, gold_eval=gold_eval, seed=seed_index)
+                    gold=gold, gold_eval=gold_eval, seed=seed_index,
+                    incompetent=problem.spec.build(seed=seed_index))
 
 
 def forget_margins(problem: Problem, model: nn.Module) -> np.ndarray:
-    """The statistic the forgetting-quality attacks see per forget sample: the logit margin, or
-    for regression the negative absolute error."""
+    """The statistic the forgetting-quality attacks see per forget sample: the challenge's
+    ``log p_y - log(1 - p_y)``, or for regression the negative absolute error."""
     z = logits(model, problem.forget)
     if problem.forget.task == "regression":
         return -np.abs(z[:, 0] - problem.forget.labels)
-    return logit_margin(z, problem.forget.labels)
+    return logit_scaled_confidence(z, problem.forget.labels)
