@@ -326,9 +326,9 @@ def example_epsilon(unlearned: np.ndarray, retrained: np.ndarray,
       one distribution is a spike. Two spikes (0 / 0) go on to the attacks.
     * Threshold attacks: "positive when value >= t", ``ceil(100 * range)`` thresholds over both
       samples' range.
-    * Interval attacks: "peakier sample when l <= value <= r", ``r`` on ``ceil(100 * (4 + tiny))``
+    * Interval attacks: "peakier sample when l <= value <= r", ``r`` on a grid of about 400
       points over the peakier sample's ``max +- 2``, and for each ``r``, 400 values of ``l`` over
-      ``r - w +- 2``, w the smaller spread.
+      ``r - w +- 2``, w the smaller spread (the second sample is the peakier one on a tie).
     * Each attack's epsilon is ``max(log((1 - delta - FPR) / FNR), log((1 - delta - FNR) / FPR))``
       clipped at 0; infinite when FPR = FNR = 0; an attack with exactly one zero rate is dropped.
     * Epsilon is the largest over attacks, clipped to ``[0, EPSILON_CAP]``. Where every attack is
