@@ -328,7 +328,8 @@ def example_epsilon(unlearned: np.ndarray, retrained: np.ndarray,
       samples' range.
     * Interval attacks: "peakier sample when l <= value <= r", ``r`` on a grid of about 400
       points over the peakier sample's ``max +- 2``, and for each ``r``, 400 values of ``l`` over
-      ``r - w +- 2``, w the smaller spread (the second sample is the peakier one on a tie).
+      ``r - w +- 2``, w the smaller spread (on equal spreads the peakier one is the sample with
+      the smaller median, the retrained one if the medians tie).
     * Each attack's epsilon is ``max(log((1 - delta - FPR) / FNR), log((1 - delta - FNR) / FPR))``
       clipped at 0; infinite when FPR = FNR = 0; an attack with exactly one zero rate is dropped.
     * Epsilon is the largest over attacks, clipped to ``[0, EPSILON_CAP]``. Where every attack is
