@@ -160,6 +160,19 @@ def test_bench_checks_the_data_before_ray_starts(capsys, monkeypatch):
     assert started == []
 
 
+def test_bench_joins_the_cluster_given_by_address(capsys, monkeypatch):
+    joined = []
+
+    def ensure_ray(*args, **kwargs):
+        joined.append(args)
+        raise ConnectionError("stop here")
+
+    monkeypatch.setattr(executor, "ensure_ray", ensure_ray)
+    code, _, err = run(capsys, "bench", "--dataset", "digits", "--address", "10.0.0.1:6379",
+                       "--no-mlflow", "--quiet")
+    assert code == 3 and "stop here" in err and joined == [("10.0.0.1:6379",)]
+
+
 def test_bench_honours_the_resource_options(monkeypatch):
     from sisa_ray import bench
 
@@ -317,11 +330,12 @@ def test_worker_start_up_failures_are_one_line(ray_session):
         ex._start([0])
     assert ex._workers == {}
 
-    ex = executor.RayExecutor(ResourceConfig(num_cpus=64))
+    # refused at once; the short time-out only bounds this test should the check be missing
+    ex = executor.RayExecutor(ResourceConfig(num_cpus=64), startup_timeout_s=5.0)
     ex.bind("/nonexistent-store", 1)
     with pytest.raises(ValueError, match=r"--cpus-per-shard 64: .* offers at most 2 per node"):
         ex._start([0])
-    ex = executor.RayExecutor(ResourceConfig(num_gpus=1))
+    ex = executor.RayExecutor(ResourceConfig(num_gpus=1), startup_timeout_s=5.0)
     ex.bind("/nonexistent-store", 1)
     with pytest.raises(ValueError, match=r"--gpus-per-shard 1: .* offers at most 0 per node"):
         ex._start([0])
@@ -427,6 +441,11 @@ def test_the_start_line_waits_so_a_quick_failure_is_one_line(capsys):
     p.close()  # e.g. the command failed at once
     time.sleep(0.6)
     assert capsys.readouterr().err == ""
+    p = Progress("train", "lines")
+    p.announce("starting Ray workers", delay_s=0.3)
+    p.update(1, 2)  # the first count came first: no start line after it
+    time.sleep(0.6)
+    assert "starting" not in capsys.readouterr().err
     p = Progress("train", "none")
     p.announce("starting Ray workers", delay_s=0.0)
     time.sleep(0.3)
