@@ -466,3 +466,53 @@ def test_bench_shows_progress_per_stage(capsys, monkeypatch):
     assert "stop here" in err.splitlines()[-1]
     code, _, err = run(capsys, "bench", "--no-mlflow", "--quiet")
     assert err == "sisa-ray: error: RuntimeError: stop here\n"
+
+
+# -- the local writer lock is filelock's ------------------------------------------------------------
+
+
+def test_local_writer_lock_excludes_other_handles_threads_and_processes(tmp_path):
+    import signal
+    import threading
+
+    from sisa_ray.core.store import LOCK_FILE, LocalLock, LockTimeout, Store
+
+    path = str(tmp_path / "s")
+    lock = LocalLock(Store(path), timeout=0.1)
+    with lock:
+        with pytest.raises(RuntimeError, match="not re-entrant"):
+            lock.__enter__()
+        with pytest.raises(LockTimeout, match=rf"{re.escape(path)} is locked by another"):
+            with LocalLock(Store(path), timeout=0.1):
+                pass
+        seen = []
+
+        def other_thread():
+            try:
+                with LocalLock(Store(path), timeout=0.1):
+                    seen.append("acquired")
+            except LockTimeout:
+                seen.append("excluded")
+
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+        assert seen == ["excluded"]
+    assert os.path.exists(os.path.join(path, LOCK_FILE))  # kept: the store's contents stay put
+    with LocalLock(Store(path), timeout=0):
+        pass
+    # a holder killed with SIGKILL releases the lock at once
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom sisa_ray.core.store import LocalLock, Store\n"
+         f"with LocalLock(Store({path!r})):\n    print('held', flush=True)\n    time.sleep(600)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(LockTimeout):
+            with LocalLock(Store(path), timeout=0.1):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with LocalLock(Store(path), timeout=10):
+        pass

@@ -7,7 +7,6 @@ already all-or-nothing. Nothing is ever appended in place, so the same code work
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import json
@@ -20,6 +19,7 @@ import urllib.parse
 import uuid
 from typing import Any
 
+import filelock
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -339,48 +339,48 @@ class WriterLock:
 
 
 class LocalLock(WriterLock):
-    """``flock`` on ``<store>/.lock``, taken on a file description of its own.
+    """``filelock.FileLock`` (``flock``) on ``<store>/.lock``, one lock object per acquisition.
 
-    ``flock`` locks belong to an open file description, so a second ``open`` of the lock file in
-    the same process (another thread, another handle) conflicts exactly like another process does.
-    The kernel releases the lock when the holder dies, even by SIGKILL, so a crashed writer never
-    blocks the next one.
+    ``flock`` locks belong to an open file description and every acquisition opens the file anew,
+    so a second handle in the same process (another thread, another ``Store``) conflicts exactly
+    like another process does. The kernel releases the lock when the holder dies, even by
+    SIGKILL, so a crashed writer never blocks the next one: hence no fallback to a "soft" lock
+    file, which would outlive a killed holder. ``filelock`` locks are re-entrant; this one is not
+    (a writer that takes its own lock twice has a bug). The lock file stays in place.
     """
 
     def __init__(self, store: Store, timeout: float = 3600.0) -> None:
         self.store, self.timeout = store, timeout
-        self._fd: int | None = None
+        self._lock: filelock.FileLock | None = None
 
     def __enter__(self) -> LocalLock:
-        if self._fd is not None:
+        if self._lock is not None:
             raise RuntimeError("This writer lock is already held; it is not re-entrant.")
         _makedirs_durable(self.store.root)
-        fd = os.open(os.path.join(self.store.root, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + self.timeout
-        waited = False
-        while True:
+        # fallback_to_soft=False: on a file system without flock, fail rather than use a lock
+        # file that a killed holder would leave behind
+        lock = filelock.FileLock(
+            os.path.join(self.store.root, LOCK_FILE), mode=0o644, thread_local=False,
+            fallback_to_soft=False, poll_interval=0.02,
+        )
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            log.info("waiting for the writer lock of %s", self.store.location)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    raise LockTimeout(
-                        f"{self.store.location} is locked by another sisa-ray writer (a training "
-                        "or deletion in progress). Wait for it to finish and try again."
-                    ) from None
-                if not waited:
-                    log.info("waiting for the writer lock of %s", self.store.location)
-                    waited = True
-                time.sleep(0.02)
-        self._fd = fd
+                lock.acquire(timeout=self.timeout)
+            except filelock.Timeout:
+                raise LockTimeout(
+                    f"{self.store.location} is locked by another sisa-ray writer (a training "
+                    "or deletion in progress). Wait for it to finish and try again."
+                ) from None
+        self._lock = lock
         return self
 
     def __exit__(self, *exc) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release(force=True)
 
 
 # -- object stores: conditional writes ---------------------------------------------------------------
