@@ -61,13 +61,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="backbone file to write")
     p.add_argument("--data-dir", default=None, help="where local dataset files are")
     p.add_argument("--download", action="store_true", help="allow torchvision to download")
-    p.add_argument("--model", default="cnn", choices=list(MODELS))
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--model", default="cnn", choices=list(MODELS), help="backbone architecture")
+    p.add_argument("--epochs", type=int, default=5, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=64, help="minibatch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     p.add_argument("--hidden", type=int, default=128, help="width of the backbone's last layer")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the backbone's training")
     p.add_argument("--n-classes", type=int, default=None, help="classes of Parquet data")
     have = p._option_string_actions
     if "--json" not in have:
