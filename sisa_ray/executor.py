@@ -100,8 +100,9 @@ class ClusterUnreachable(ConnectionError):
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None,
                verbose: bool | None = None) -> None:
-    """Start or join Ray: ``address=None`` starts (or reuses) a local instance, ``"auto"`` or
-    ``RAY_ADDRESS`` joins a running cluster, after checking within
+    """Start or join Ray: ``address=None`` starts a local instance for this process (never a
+    cluster that happens to run on this machine), ``"auto"``, ``host:port`` or ``RAY_ADDRESS``
+    joins a running cluster, after checking within
     :data:`RAY_CONNECT_TIMEOUT_S` that it answers (Ray itself retries for a minute, logging
     warnings all along).
 
@@ -121,8 +122,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
     if target:
         check_reachable(target)
         kwargs["address"] = target
-    elif num_cpus is not None:
-        kwargs["num_cpus"] = num_cpus
+    else:
+        # "local": a plain ray.init() would silently join a cluster started with `ray start`
+        kwargs["address"] = "local"
+        if num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)
 
 
