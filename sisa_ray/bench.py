@@ -456,6 +456,11 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
 
     if args.no_mlflow and args.mlflow_uri is not None:
         raise ValueError("--mlflow-uri and --no-mlflow contradict each other; give one of them.")
+    if args.mlflow_uri and args.mlflow_uri.startswith("sqlite:///"):
+        db = Path(args.mlflow_uri[len("sqlite:///"):])
+        if not db.parent.is_dir():  # found now, not when the results are logged hours later
+            raise ValueError(f"--mlflow-uri {args.mlflow_uri}: the directory {db.parent} does not "
+                             "exist. Create it, or give another tracking URI.")
     out = Path(args.out or "bench-results")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a directory for the results.")

@@ -140,6 +140,8 @@ def _must_not_run(*a, **k):
     (["--requests", "50", "--max-train", "100"],
      r"--requests 50: .* from --max-train 100 samples. Use --requests 47 or less"),
     (["--mlflow-uri", "sqlite:///x.db", "--no-mlflow"], "contradict each other"),
+    (["--mlflow-uri", "sqlite:////no/such/dir/m.db"], r"the directory /no/such/dir does not exist"),
+    (["--out", __file__], "is a file; give a directory"),
     (["--max-concurrent", "0"], "max_concurrent"),
     (["--gpus-per-shard", "-1"], "num_gpus"),
 ])
