@@ -357,4 +357,4 @@ def _add_common(p: argparse.ArgumentParser, store: bool = True, backend: bool = 
                             "share")
         p.add_argument("--max-concurrent", type=int, default=None,
                        help="workers, i.e. shards training at once (default: cluster CPUs / "
-                            "--threads, or GPUs / --gpus-per-shard)")
+                            "torch threads per shard, or GPUs / --gpus-per-shard)")
