@@ -105,6 +105,10 @@ class PerMethodASHA(FIFOScheduler):
     ``group`` maps a trial's config to its method.
     """
 
+    # every result must reach the scheduler as it is reported (Tune may otherwise hand over
+    # several at once, and a trial it should stop at epoch 1 runs on)
+    _supports_buffered_results = False
+
     def __init__(self, group: Callable[[dict], str], *, metric: str | None = None,
                  mode: str | None = None, grace_period: int = 1,
                  reduction_factor: float = 2.0) -> None:
@@ -191,7 +195,8 @@ def run_experiment(
     else:
         from ray.tune.search import BasicVariantGenerator
 
-        search_alg = BasicVariantGenerator(random_state=seed)
+        # Tune ignores max_concurrent_trials for a variant generator: it takes the bound itself
+        search_alg = BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent or 0)
     sched = FIFOScheduler()
     if scheduler == "asha":
         sched = PerMethodASHA(group, metric=metric, mode=mode) if group is not None \
@@ -207,7 +212,7 @@ def run_experiment(
         tune_config=ray_tune.TuneConfig(
             metric=None if owned else metric, mode=None if owned else mode,
             num_samples=num_samples, search_alg=search_alg,
-            scheduler=sched, max_concurrent_trials=max_concurrent,
+            scheduler=sched, max_concurrent_trials=max_concurrent if owned else None,
         ),
         run_config=ray_tune.RunConfig(
             name=name, storage_path=storage_path, verbose=2 if verbose else 0,
