@@ -64,20 +64,21 @@ def _trial(config: dict, problem: Problem = None, device: str = "cpu", threads: 
         report({**metrics, "alignment": alignment(metrics), "epoch": epoch, "complete": 0.0})
 
     model, seconds = apply_method(problem, method, config_from(method, params), seed=0,
-                                  device=device, epoch_end=per_epoch)
+                                  device=device, epoch_end=per_epoch, threads=threads)
     metrics = score(problem, model, seconds).to_dict()
     report({**metrics, "alignment": alignment(metrics), "complete": 1.0})
 
 
-def _rerun(problem: Problem, method: str, params: dict, seed_index: int, device: str) -> dict:
+def _rerun(problem: Problem, method: str, params: dict, seed_index: int, device: str,
+           threads: int = 1) -> dict:
     """The best config of ``method`` on seed ``seed_index`` (a Ray task)."""
     import torch
 
     from .spaces import config_from
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     model, seconds = apply_method(problem, method, config_from(method, params), seed=seed_index,
-                                  seed_index=seed_index, device=device)
+                                  seed_index=seed_index, device=device, threads=threads)
     metrics = score(problem, model, seconds, seed_index).to_dict()
     metrics["alignment"] = alignment(metrics)
     metrics["margins"] = forget_margins(problem, model)
@@ -361,7 +362,7 @@ def _compare(cfg: CompareConfig, problem: Problem, train_set, methods: list[str]
     rerun = ray.remote(num_cpus=cfg.cpus_per_trial, num_gpus=cfg.gpus_per_trial)(_rerun)
     reference = ray.remote(num_cpus=1)(_reference_seed)
     jobs = [(name, s) for name in best for s in range(cfg.seeds)]
-    submit = [lambda n=n, s=s: rerun.remote(problem_ref, n, best[n], s, device) for n, s in jobs]
+    submit = [lambda n=n, s=s: rerun.remote(problem_ref, n, best[n], s, device, threads) for n, s in jobs]
     submit += [lambda s=s: reference.remote(problem_ref, s) for s in range(cfg.seeds)]
     total = len(submit)
     finished = _run_tasks(submit, cfg.max_concurrent, every_tenth(

@@ -175,7 +175,8 @@ def train_seed(problem: Problem, train_set: SampleSet, seed: int) -> Trained:
 
 
 def apply_method(problem: Problem, method: str, config, seed: int, seed_index: int = 0,
-                 device: str = "cpu", epoch_end: Callable[[nn.Module, int], None] | None = None):
+                 device: str = "cpu", epoch_end: Callable[[nn.Module, int], None] | None = None,
+                 threads: int = 1):
     """Unlearn with ``method``; return ``(model on the CPU, seconds)``. ``seed_index`` picks the
     original; ``epoch_end(model, epoch)`` observes every epoch of a method that trains (monolith
     target only: a SISA target unlearns shard after shard, and one shard is not the model)."""
@@ -184,7 +185,7 @@ def apply_method(problem: Problem, method: str, config, seed: int, seed_index: i
         observe = None if epoch_end is None else _on_cpu(epoch_end)
         with on_epoch_end(observe):
             res = run_method(method, problem.model(trained.original), problem.unlearning_data(),
-                             config, seed=seed, threads=1, device=device)
+                             config, seed=seed, threads=threads, device=device)
         return res.model.to("cpu").eval(), res.seconds
     shards = [None if s is None else problem.spec.build(s) for s in trained.original]
     seconds = 0.0
@@ -201,7 +202,7 @@ def apply_method(problem: Problem, method: str, config, seed: int, seed_index: i
             continue
         data = UnlearningData(forget=f_s, retain=r_s, request=problem.request,
                               validation=problem.test, extra=problem.extra)
-        res = run_method(method, shards[s], data, config, seed=seed, threads=1, device=device)
+        res = run_method(method, shards[s], data, config, seed=seed, threads=threads, device=device)
         shards[s], seconds = res.model.to("cpu"), seconds + res.seconds
     return SoftVote(shards, regression=problem.retain.task == "regression").eval(), seconds
 
