@@ -550,3 +550,17 @@ def test_tiny_regression_comparison(ray_session, tmp_path):
         assert r["test_mae"] > 0 and math.isnan(r["test_acc"])
     table = (tmp_path / "out" / "comparison.md").read_text()
     assert "test_mae" in table and "test_acc" not in table
+
+
+def test_progress_lines_count_and_estimate_the_time_left():
+    from tune.compare import every_tenth
+
+    said, now = [], [0.0]
+    tell = every_tenth(20, "seeds", said.append, clock=lambda: now[0])
+    for n in range(1, 21):
+        now[0] = 3.0 * n  # every item takes 3 s
+        tell(n)
+    assert len(said) == 10  # at 2, 4, ..., 20
+    assert said[0] == "[compare] seeds: 2/20 (6s elapsed, about 54s left)"
+    assert said[4] == "[compare] seeds: 10/20 (30s elapsed, about 30s left)"
+    assert said[-1] == "[compare] seeds: 20/20 (60s elapsed)"

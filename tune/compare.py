@@ -159,11 +159,21 @@ def summarise(name: str, kind: str, per_seed: list[dict], best: dict | None,
     return row
 
 
-def every_tenth(total: int, say: Callable[[int], None]) -> Callable[[int], None]:
-    """``say(n)`` at the 10%, 20%, ... marks of ``total`` and at the end, not for every one of
-    hundreds of tasks."""
-    step = max(1, total // 10)
-    return lambda n: say(n) if n == total or n % step == 0 else None
+def every_tenth(total: int, label: str, say: Callable[[str], None],
+                clock: Callable[[], float] = time.perf_counter) -> Callable[[int], None]:
+    """A progress line ``[compare] label: n/total (elapsed, about ETA left)`` at the 10%, 20%, ...
+    marks of ``total`` and at the end, not for every one of hundreds of tasks. The ETA assumes
+    the remaining items take as long on average as the finished ones."""
+    step, start = max(1, total // 10), clock()
+
+    def tell(n: int) -> None:
+        if n != total and n % step:
+            return
+        elapsed = clock() - start
+        left = "" if n == total else f", about {elapsed / max(n, 1) * (total - n):.0f}s left"
+        say(f"[compare] {label}: {n}/{total} ({elapsed:.0f}s elapsed{left})")
+
+    return tell
 
 
 class TrialProgress:
@@ -172,7 +182,7 @@ class TrialProgress:
 
     def __init__(self, tracker, total: int, say: Callable[[str], None]) -> None:
         self._tracker, self._n = tracker, 0
-        self._tell = every_tenth(total, lambda n: say(f"[compare] Tune trials ended: {n}/{total}"))
+        self._tell = every_tenth(total, "Tune trials ended", say)
 
     def trial_started(self, trial_id: str, config: dict) -> None:
         self._tracker.trial_started(trial_id, config)
@@ -336,8 +346,7 @@ def _compare(cfg: CompareConfig, problem: Problem, train_set, methods: list[str]
     problem.seeds = _run_tasks(
         [lambda s=s: seed_task.remote(problem_ref, train_ref, s) for s in range(cfg.seeds)],
         cfg.max_concurrent,
-        every_tenth(cfg.seeds, lambda n: say(f"[compare] models trained for {n}/{cfg.seeds} "
-                                             "seed(s)")),
+        every_tenth(cfg.seeds, "seeds with their models trained", say),
     )
     problem_ref = ray.put(problem)
 
@@ -366,7 +375,7 @@ def _compare(cfg: CompareConfig, problem: Problem, train_set, methods: list[str]
     submit += [lambda s=s: reference.remote(problem_ref, s) for s in range(cfg.seeds)]
     total = len(submit)
     finished = _run_tasks(submit, cfg.max_concurrent, every_tenth(
-        total, lambda n: say(f"[compare] best configs and references on every seed: {n}/{total}")))
+        total, "best configs and references on every seed", say))
     per_method: dict[str, list[dict]] = {name: [] for name in best}
     for (name, _), res in zip(jobs, finished):
         per_method[name].append(res)
