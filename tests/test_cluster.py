@@ -8,13 +8,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cluster_helpers import LocalCluster, sisa, sisa_background
+from cluster_helpers import LocalCluster, cluster_env, sisa, sisa_background
 
 from sisa_ray.core.checkpoint import states_identical
 from sisa_ray.core.config import ShardingConfig, SISAConfig, TrainingConfig
@@ -64,6 +66,15 @@ def test_training_across_nodes_is_bit_identical_to_one_node(cluster, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout)
     assert res["nodes"] >= 2, "shards should spread over the worker nodes"
+    # the head offers no CPUs (drivers only): no shard's worker may run there
+    heads = subprocess.run(
+        [sys.executable, "-c", "import ray; ray.init(address='" + cluster.address + "', "
+         "logging_level='ERROR'); print(' '.join(n['NodeID'] for n in ray.nodes() "
+         "if n['Alive'] and not n['Resources'].get('CPU')))"],
+        env=cluster_env(cluster.address), capture_output=True, text=True, timeout=120)
+    head_ids = set(heads.stdout.split())
+    assert len(head_ids) == 1, heads.stderr[-2000:]
+    assert {e["node"] for e in res["shards"]}.isdisjoint(head_ids), "a shard ran on the head"
     assert_same_as_local(tmp_path / "multi", cfg, tmp_path)
 
 
