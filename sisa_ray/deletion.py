@@ -332,6 +332,10 @@ def apply(ctx: DeletionContext, requests: list[Request], lock,
             base_checkpoints=[c.to_dict() for c in entry.checkpoints[:k]],
             remove_ids=to_delete[shard_of == s].tolist(),
         ))
+    # the costliest retrains first (a shard's samples times the steps it retrains), so the last
+    # job to finish is a cheap one and the wall time is not one long job started last
+    n_steps = ctx.config.sharding.n_slices
+    jobs.sort(key=lambda j: -manifest.shards[j.shard].n_samples * (n_steps - j.start_step))
     ctx.prepare(plan.shards)
     results = ctx.executor.run_jobs(jobs, progress) if jobs else []
     new = manifest.copy()
@@ -348,7 +352,7 @@ def apply(ctx: DeletionContext, requests: list[Request], lock,
         ShardRetrain(shard=j.shard, restart_slice=j.start_step, deleted=len(j.remove_ids),
                      sample_steps=r["sample_steps"], seconds=r["seconds"],
                      train_seconds=r["train_seconds"])
-        for j, r in zip(jobs, results)
+        for j, r in sorted(zip(jobs, results), key=lambda jr: jr[0].shard)
     ]
     full = sum(sample_steps(np.asarray(e.slice_counts), epochs) for e in new.shards)
     write_manifest(ctx.store, new, lock)  # the deletion is live from here on

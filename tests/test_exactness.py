@@ -172,3 +172,27 @@ def test_verify_reports_identical_and_catches_tampering(tiny, tiny_config, tmp_p
     bad = SISAEnsemble.open(ens.store_.uri, backend="local").verify()
     assert not bad.identical
     assert [s["shard"] for s in bad.shards if not s["identical"]] == [0]
+
+
+def test_deletion_dispatches_the_costliest_retrain_first(tiny, tiny_config, tmp_path):
+    """A shard retrained from slice 0 goes to the workers before one retrained from its last
+    slice, so the wall time does not end with one long job started last; the report stays in
+    shard order."""
+    train, test = tiny
+    shard, slice_ = shard_slice(train, tiny_config)
+    last = tiny_config.sharding.n_slices - 1
+    cheap = int(train.ids[(shard == 0) & (slice_ == last)][0])
+    costly = int(train.ids[(shard == 3) & (slice_ == 0)][0])
+    ens = fit(tiny_config, train, tmp_path, "s", test)
+    seen = []
+    run_jobs = ens.executor.run_jobs
+
+    def recording(jobs, progress=None):
+        seen.extend((j.shard, j.start_step) for j in jobs)
+        return run_jobs(jobs, progress)
+
+    ens.executor.run_jobs = recording
+    rep = ens.unlearn([cheap, costly])
+    assert seen == [(3, 0), (0, last)]
+    assert [(r.shard, r.restart_slice) for r in rep.shards] == [(0, last), (3, 0)]
+    assert_exact(ens, tiny_config, train, test, [cheap, costly], tmp_path)
