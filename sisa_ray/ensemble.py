@@ -80,6 +80,7 @@ class VerifyReport:
     predictions_identical: bool | None = None
     seconds: float = 0.0
     resurrected_ids: list[int] = field(default_factory=list)
+    work_store: str | None = None  # where the scratch copy was trained (gone afterwards)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -582,8 +583,12 @@ class SISAEnsemble:
         Every id the ledger calls deleted must be absent from every shard's data, and every
         checkpoint must have seen exactly the retained ids of its slices; then every slice
         checkpoint of every shard is compared with a fresh fit, and the predictions on the stored
-        test split (when there is one). ``work_store`` is where the scratch ensemble is trained
-        (a temporary directory by default; on a cluster give shared storage).
+        test split (when there is one). ``work_store`` is where the scratch ensemble is trained:
+        by default a temporary directory when every worker runs on this machine (``backend``
+        local, or a Ray instance of its own), and a scratch store beside the store itself
+        (``<store>.verify-<id>``, removed afterwards) when the workers run on a cluster
+        (``address`` or ``RAY_ADDRESS``), since a driver's temporary directory is not where workers on other
+        nodes can write.
         """
         from .core.checkpoint import states_identical
 
@@ -597,8 +602,13 @@ class SISAEnsemble:
             n_classes=self.config_.training.n_classes, name=self.meta_["dataset"]["name"],
             task=retained.task,
         )
-        tmp = None
-        if work_store is None:
+        from .executor import joins_cluster
+
+        tmp = scratch = None
+        if work_store is None and self.backend == "ray" and joins_cluster(self.address):
+            scratch = Store(self.store_.beside(f".verify-{uuid.uuid4().hex[:8]}"))
+            work_store = scratch.uri
+        elif work_store is None:
             tmp = tempfile.TemporaryDirectory(prefix="sisa-ray-verify-")
             work_store = f"{tmp.name}/{uuid.uuid4().hex[:8]}"
         try:
@@ -630,8 +640,11 @@ class SISAEnsemble:
         finally:
             if tmp is not None:
                 tmp.cleanup()
+            if scratch is not None:
+                scratch.remove()
         identical = all(s["identical"] for s in shards) and preds_same is not False and not back
-        return VerifyReport(identical, shards, preds_same, time.perf_counter() - t0, back)
+        return VerifyReport(identical, shards, preds_same, time.perf_counter() - t0, back,
+                            work_store)
 
     def close(self) -> None:
         if self.executor is not None:

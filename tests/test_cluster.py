@@ -76,6 +76,13 @@ def test_training_across_nodes_is_bit_identical_to_one_node(cluster, tmp_path):
     assert len(head_ids) == 1, heads.stderr[-2000:]
     assert {e["node"] for e in res["shards"]}.isdisjoint(head_ids), "a shard ran on the head"
     assert_same_as_local(tmp_path / "multi", cfg, tmp_path)
+    # verify on a cluster trains its scratch copy where every node's workers reach it: beside
+    # the store (shared storage wherever the store is), not in the driver's temporary directory
+    out = sisa("verify", "--store", str(tmp_path / "multi"), "--json", address=cluster.address,
+               timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    work = json.loads(out.stdout)["work_store"]
+    assert work.startswith(str(tmp_path / "multi") + ".verify-") and not Path(work).exists()
 
 
 def test_node_killed_during_training(cluster, tmp_path):

@@ -323,7 +323,7 @@ def test_markdown_and_csv_show_spreads_and_null_for_undefined(tmp_path):
     rows = [
         {"method": "ssd", "kind": "approx", "seeds": 2, "zeta": 1.0, "alignment": 0.25,
          "alignment_std": 0.05, "forgetting_quality": 0.5, "forgetting_quality_std": float("nan"),
-         "best_config": {"alpha": 10.0}},
+         "best_config": {"alpha": 10.0, "lr": 3.2e-05, "epochs": 2}},
         {"method": "original", "kind": "original", "seeds": 1, "zeta": float("nan"),
          "alignment": 0.5, "alignment_std": float("nan"), "forgetting_quality": float("nan"),
          "best_config": None},
@@ -334,7 +334,8 @@ def test_markdown_and_csv_show_spreads_and_null_for_undefined(tmp_path):
     md = to_markdown(rows)
     header, _, ssd, original = md.strip().splitlines()
     assert "alignment_std" not in header and "zeta" in header
-    assert "| 0.2500 ± 0.0500 |" in ssd and "| 0.5000 |" in ssd and "alpha=10.0000" in ssd
+    assert "| 0.2500 ± 0.0500 |" in ssd and "| 0.5000 |" in ssd
+    assert "alpha=10, lr=3.2e-05, epochs=2" in ssd  # significant digits: a small rate is not 0
     assert "| 0.5000 |" in original and "±" not in original
     write_table(rows, tmp_path)
     data = json.loads((tmp_path / "comparison.json").read_text())
@@ -410,6 +411,28 @@ def monolith_problem(digits):
                       train.take(np.arange(20)), sisa)
     problem.seeds = [train_seed(problem, train, 0)]
     return problem
+
+
+def test_the_naive_retrain_comes_from_seeds_of_its_own(monolith_problem):
+    """The retrain row is an independent sample of the retrained distribution (the gold scored
+    against itself would give forgetting quality 1 by construction): same data and recipe as
+    the gold, another seed."""
+    from tune.problem import RETRAIN_SEED_OFFSET, train_monolith
+
+    p = monolith_problem
+    t = p.seeds[0]
+    again, _ = train_monolith(p.retain, p.spec, p.sisa.training, 0 + RETRAIN_SEED_OFFSET)
+    assert all(torch.equal(t.retrain[k], again[k]) for k in again)
+    assert not all(torch.equal(t.retrain[k], t.gold[k]) for k in t.gold)
+
+
+def test_methods_validate_on_held_out_data_never_on_the_test_split(monolith_problem):
+    """layer_reset's warm-up learns from the validation split: it must not be the split that
+    test_acc is measured on."""
+    p = monolith_problem
+    val = p.unlearning_data().validation
+    assert val is p.extra and len(val)
+    assert not set(val.ids.tolist()) & set(p.test.ids.tolist())
 
 
 def test_gold_scores_zero_gaps_and_methods_are_scored(monolith_problem):

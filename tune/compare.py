@@ -100,7 +100,8 @@ def _reference_seed(problem: Problem, seed_index: int) -> dict:
     out = {"gold": g.to_dict(), "gold_margins": forget_margins(problem, gold)}
     for name, states, seconds in (("original", t.original, 0.0),
                                   ("exact", t.exact, t.exact_seconds),
-                                  ("retrain", t.gold, t.retrain_seconds)):
+                                  ("retrain", t.gold if t.retrain is None else t.retrain,
+                                   t.retrain_seconds)):
         model = problem.model(states)
         m = score(problem, model, seconds, seed_index, gold_eval=g).to_dict()
         m["alignment"] = alignment(m)

@@ -39,8 +39,9 @@ def _fmt(v) -> str:
         if math.isnan(v):
             return "-"
         return f"{v:.4f}" if abs(v) < 1000 else f"{v:.0f}"
-    if isinstance(v, dict):
-        return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items()) or "defaults"
+    if isinstance(v, dict):  # a config: significant digits, so lr=3e-05 is not written 0.0000
+        return ", ".join(f"{k}={x:.4g}" if isinstance(x, float) else f"{k}={_fmt(x)}"
+                         for k, x in v.items()) or "defaults"
     return str(v)
 
 

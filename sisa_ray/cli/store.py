@@ -456,7 +456,8 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("verify", help="retrain from scratch and compare bit for bit")
     _add_common(p)
     p.add_argument("--work-store", default=None,
-                   help="where to train the scratch copy (default: a temporary directory)")
+                   help="where to train the scratch copy (default: a temporary directory, or with "
+                        "--address a scratch store beside --store, removed afterwards)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("serve", help="answer predictions and take deletions over HTTP "

@@ -245,6 +245,19 @@ class Store:
         self.write_bytes(rel, blob)
         return sha256(blob)
 
+    def beside(self, suffix: str) -> str:
+        """The URI of a location next to this store (``<store><suffix>``): on the same file
+        system or bucket, so wherever the store is shared storage, so is it."""
+        base, sep, query = self.uri.partition("?")
+        return f"{base.rstrip('/')}{suffix}{sep}{query}"
+
+    def remove(self) -> None:
+        """Delete the whole store (a scratch store that has served its purpose)."""
+        try:
+            self.fs.delete_dir(self.root)
+        except FileNotFoundError:
+            pass
+
     def delete_empty_dirs(self, rel_dirs: list[str]) -> None:
         """Remove these folders where they are empty (local stores; object stores have none)."""
         if not self.is_local:
