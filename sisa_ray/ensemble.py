@@ -199,15 +199,16 @@ class SISAEnsemble:
             desc = {"name": data.name, "task": data.task, "rows": len(data),
                     "fingerprint": data.fingerprint()}
 
-            def write_shards(store: Store) -> list[FileRef]:
+            def shard_jobs(store: Store) -> list[TrainJob]:
+                # each worker writes the file of the shard it trains (see TrainJob.rows)
                 plan = ShardPlan.build(data.ids, config.sharding)
-                return [FileRef(rel, store.write_table(rel, data.select_ids(
-                    plan.shard_ids(s)).to_arrow()))
-                    for s, rel in ((s, f"{shard_dir(s, 1)}/data.parquet")
-                                   for s in range(config.sharding.n_shards))]
+                return [TrainJob(shard=s, version=1,
+                                 data={"path": f"{shard_dir(s, 1)}/data.parquet", "sha256": ""},
+                                 rows=data.select_ids(plan.shard_ids(s)).to_arrow())
+                        for s in range(config.sharding.n_shards)]
 
             with store.writer_lock() as lock:
-                return self._fit_locked(store, config, desc, write_shards, test, lock, progress)
+                return self._fit_locked(store, config, desc, shard_jobs, test, lock, progress)
         with store.writer_lock() as lock:
             staging = uuid.uuid4().hex[:12]
             try:
@@ -239,15 +240,15 @@ class SISAEnsemble:
         desc = {"name": source.label, "task": ds["task"], "rows": ds["rows"],
                 "fingerprint": ds["fingerprint"]}
 
-        def write_shards(store: Store) -> list[FileRef]:
+        def shard_jobs(store: Store) -> list[TrainJob]:
             calls = [dict(store_uri=store.uri, staging=staging, shard=s, version=1,
                           n_classes=t.n_classes, input_shape=list(t.input_shape),
                           task=ds["task"], name=source.label)
                      for s in range(config.sharding.n_shards)]
             out = self._executor().run_tasks(assemble_shard, calls)
-            return [FileRef(**r["data"]) for r in out]
+            return [TrainJob(shard=s, version=1, data=r["data"]) for s, r in enumerate(out)]
 
-        return self._fit_locked(store, config, desc, write_shards, test, lock, progress)
+        return self._fit_locked(store, config, desc, shard_jobs, test, lock, progress)
 
     @staticmethod
     def _check_test(config: SISAConfig, test: SampleSet | None, task: str) -> None:
@@ -258,7 +259,7 @@ class SISAEnsemble:
                              "they must match.")
         check_data(config, test, "the test set")
 
-    def _fit_locked(self, store: Store, config: SISAConfig, desc: dict, write_shards,
+    def _fit_locked(self, store: Store, config: SISAConfig, desc: dict, shard_jobs,
                     test: SampleSet | None, lock, progress) -> SISAEnsemble:
         fingerprint = desc["fingerprint"]
         t = config.training
@@ -308,12 +309,11 @@ class SISAEnsemble:
         if test is not None:  # versioned like shard data: a deletion writes a new one
             rel = f"{TEST_DIR}/g{1:010d}-{uuid.uuid4().hex[:8]}.parquet"
             test_ref = FileRef(rel, store.write_table(rel, test.to_arrow()))
-        refs = write_shards(store)
+        jobs = shard_jobs(store)
         if transfer is not None:
-            transfer.refuse_sharded_public(store, refs)
-        jobs = [TrainJob(shard=s, version=1, data=ref.to_dict()) for s, ref in enumerate(refs)]
+            transfer.refuse_sharded_public(store, jobs)
         # the largest shards first, so the last job to finish is a small one
-        sizes = {s: store.size(r.path) for s, r in enumerate(refs)}
+        sizes = {j.shard: j.size(store) for j in jobs}
         jobs.sort(key=lambda j: -sizes[j.shard])
 
         self.store_, self.config_ = store, config

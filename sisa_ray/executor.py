@@ -175,7 +175,16 @@ class WorkerActor:
     def __init__(self, *args) -> None:
         from .shard import ShardWorker
 
+        self._args = args
         self._worker = ShardWorker(*args)
+
+    def rebind(self, store_uri: str) -> str:
+        """Serve another store from this process (torch stays loaded: the seconds a worker
+        takes to start are paid once per pool, not once per store)."""
+        from .shard import ShardWorker
+
+        self._worker = ShardWorker(store_uri, *self._args[1:])
+        return self._worker.ping()
 
     def ping(self) -> str:
         return self._worker.ping()
@@ -231,10 +240,29 @@ class RayExecutor:
              env: dict[str, str] | None = None, config_hash: str | None = None) -> None:
         ensure_ray(self.address)
         self._config_hash = config_hash
-        if (store_uri, threads, dict(env or {})) != (self._store_uri, self._threads, self._env):
+        same_runtime = (threads, dict(env or {})) == (self._threads, self._env)
+        if store_uri != self._store_uri and same_runtime and self._rebinds():
+            self._rebind(store_uri)
+        elif (store_uri, threads, dict(env or {})) != (self._store_uri, self._threads, self._env):
             self.shutdown()
         self._store_uri, self._threads, self._env = store_uri, threads, dict(env or {})
         self._n_shards = n_shards
+
+    def _rebinds(self) -> bool:
+        """Workers of this driver's own pool move to another store of the same runtime (thread
+        count, CPU capability) instead of being replaced. Detached workers on a cluster belong
+        to their store's namespace, so they are not moved."""
+        return bool(self._workers) and not self.detached and hasattr(
+            self.worker_cls or WorkerActor, "rebind")
+
+    def _rebind(self, store_uri: str) -> None:
+        import ray
+
+        try:
+            ray.get([w.rebind.remote(store_uri) for w in self._workers.values()],
+                    timeout=self.startup_timeout_s)
+        except Exception:  # noqa: BLE001 - fresh workers report the cause (see _start)
+            self.shutdown()
 
     @property
     def detached(self) -> bool:

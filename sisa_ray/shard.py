@@ -210,9 +210,14 @@ class ShardWorker:
         shard = job.shard
         t0 = time.perf_counter()
         sharding, training = self.config.sharding, self.config.training
-        table = self._read_table(FileRef(**job.data))
+        phases = dict.fromkeys(("data", "features", "setup", "compute", "checkpoint"), 0.0)
         out_dir = shard_dir(shard, job.version)
-        data_ref = FileRef(**job.data)
+        if job.rows is not None:  # written here, by the worker that trains the shard
+            table = job.rows
+            data_ref = FileRef(job.data["path"], self.store.write_table(job.data["path"], table))
+        else:
+            table = self._read_table(FileRef(**job.data))
+            data_ref = FileRef(**job.data)
         if job.remove_ids:
             # rows are dropped from the table itself, so cached features go with their sample
             keep = ~np.isin(table.column("id").to_numpy(),
@@ -222,6 +227,7 @@ class ShardWorker:
             data_ref = FileRef(path, self.store.write_table(path, table))
         samples = SampleSet.from_arrow(table)
         features = samples.features
+        phases["data"] = time.perf_counter() - t0
         if self.backbone is not None:
             features = cached_embedding(table, self.config.training.backbone)
             if features is None:
@@ -229,6 +235,8 @@ class ShardWorker:
                 path = f"{out_dir}/data-features.parquet"
                 data_ref = FileRef(path, self.store.write_table(
                     path, with_embedding(table, features, self.config.training.backbone)))
+        phases["features"] = time.perf_counter() - t0 - phases["data"]
+        t_setup = time.perf_counter()
         shard_of, slice_of = assign(samples.ids, sharding)
         if (shard_of != shard).any():
             raise StoreError(
@@ -257,6 +265,7 @@ class ShardWorker:
 
         total_steps = 0
         t_train = time.perf_counter()
+        phases["setup"] = t_train - t_setup
         with deterministic_torch(training.threads):
             for res in train_steps(
                 model, optimizer, features, samples.labels, samples.ids, slice_of,
@@ -264,6 +273,7 @@ class ShardWorker:
                 start_step=job.start_step, device=self.device, task=self.task,
             ):
                 total_steps += res.sample_steps
+                t_ckpt = time.perf_counter()
                 ckpt = Checkpoint(
                     shard=shard, step=res.step, config_hash=self.config_hash,
                     ids_digest=ids_digest(res.ids), n_samples=res.n_samples,
@@ -274,7 +284,9 @@ class ShardWorker:
                 ref = FileRef(f"{out_dir}/step_{res.step:03d}.pt", sha256(blob))
                 self.store.write_bytes(ref.path, blob)
                 checkpoints.append(ref)
+                phases["checkpoint"] += time.perf_counter() - t_ckpt
         train_seconds = time.perf_counter() - t_train
+        phases["compute"] = train_seconds - phases["checkpoint"]
         entry = ShardEntry(
             shard=shard, version=job.version, n_samples=len(samples),
             slice_counts=np.bincount(slice_of, minlength=sharding.n_slices).tolist(),
@@ -284,7 +296,7 @@ class ShardWorker:
         return asdict(TrainResult(
             entry=entry.to_dict(), sample_steps=total_steps,
             seconds=time.perf_counter() - t0, train_seconds=train_seconds,
-            start_step=job.start_step,
+            start_step=job.start_step, phases=phases,
         ))
 
 

@@ -131,18 +131,17 @@ def embed(module, features: np.ndarray, device=None) -> np.ndarray:
         for i in range(x.shape[0]):
             rows.append(module.features(x[i:i + 1].to(device or "cpu")).cpu())
     if not rows:
-        with torch.no_grad():
-            width = module.features(torch.zeros((1, *x.shape[1:]))).shape[1]
-        return np.zeros((0, width), dtype=np.float32)
+        return np.zeros((0, feature_width(module, tuple(x.shape[1:]))), dtype=np.float32)
     return torch.cat(rows).numpy().astype(np.float32, copy=False)
 
 
 def feature_width(module, input_shape: tuple[int, ...]) -> int:
-    """Number of features the backbone gives per sample."""
+    """Number of features the backbone gives per sample (probed on the module's own device)."""
     import torch
 
+    device = next(module.parameters()).device
     with torch.no_grad():
-        return int(module.features(torch.zeros((1, *input_shape))).shape[1])
+        return int(module.features(torch.zeros((1, *input_shape), device=device)).shape[1])
 
 
 # -- the public split and its ids -------------------------------------------------------------------
@@ -282,12 +281,11 @@ class TransferSetup:
         store.write_bytes(BACKBONE_FILE, self.blob)
         store.write_table(PUBLIC_IDS_FILE, public_ids_table(self.public_ids))
 
-    def refuse_sharded_public(self, store, refs) -> None:
-        """Refuse shard files (written for this fit) holding public ids: public data is never
+    def refuse_sharded_public(self, store, jobs) -> None:
+        """Refuse shards (the jobs of this fit) holding public ids: public data is never
         sharded, so none of it could ever be deleted."""
-        for ref in refs:
-            ids = store.read_table(ref.path, columns=["id"]).column("id").to_numpy()
-            refuse_public(self.public_ids, ids, "the training set")
+        for job in jobs:
+            refuse_public(self.public_ids, job.shard_ids(store), "the training set")
 
 
 def read_public_ids(store) -> np.ndarray:

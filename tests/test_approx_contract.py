@@ -54,7 +54,8 @@ def small_config(name):
 def test_registry_lists_the_required_methods():
     assert set(list_methods()) >= {
         "finetune", "random_labels", "fisher_forgetting", "fisher_masking", "ssd", "twin_mu",
-        "negative_gradient", "bad_teacher", "random_perturbation",
+        "negative_gradient", "bad_teacher", "random_perturbation", "pbu", "adversarial",
+        "layer_reset",
     }
     with pytest.raises(ValueError, match=r"Unknown unlearning method 'sdd'. Known methods: \["):
         get_method("sdd")

@@ -62,7 +62,15 @@ def test_bench_tiny_run(ray_session, tmp_path, capsys):
     assert row["batch_delete_sample_steps"] <= row["full_sample_steps"]
     assert row["expected_speedup_one"] == pytest.approx(
         expected_speedup(2, epochs_per_step(TrainingConfig(epochs=2), 2)))
-    assert math.isfinite(summary["throughput"]["ratio"])
+    tp = summary["throughput"]
+    assert math.isfinite(tp["ratio"])
+    # the warm actor's job, phase by phase: the phases are the job's time, no more
+    warm = tp["warm_actor"]
+    assert set(warm["phases"]) == {"data", "features", "setup", "compute", "checkpoint"}
+    assert all(v >= 0 for v in warm["phases"].values()) and warm["phases"]["compute"] > 0
+    assert sum(warm["phases"].values()) <= warm["job_s"] <= warm["call_s"]
+    assert warm["compute_per_s"] >= warm["job_per_s"] >= warm["call_per_s"]
+    assert tp["ratio"] == pytest.approx(warm["compute_per_s"] / tp["plain_loop_per_s"])
     for f in ("bench.csv", "bench.json", "speedup_vs_shards.png", "speedup_vs_requests.png",
               "accuracy_vs_shards.png"):
         assert (out / f).exists(), f

@@ -53,3 +53,31 @@ def test_cli_on_ray(ray_session, tmp_path, capsys):
     assert sorted(rep["deleted"]) == [0, 2]
     assert main(["verify", "--store", store, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["identical"] is True
+
+
+def test_one_pool_serves_store_after_store_without_restarting(ray_session, tiny, tiny_config,
+                                                              tmp_path):
+    """A driver's own pool moves its workers to the next store (torch stays loaded in them):
+    start-up is paid once, and the second store's shards are still the bits of a local fit."""
+    train, test = tiny
+    pool = RayExecutor()
+    try:
+        first = SISAEnsemble(tiny_config, store=str(tmp_path / "a"), backend="ray",
+                             executor=pool).fit(train, test)
+        actors = {i: w._actor_id.hex() for i, w in pool._workers.items()}
+        started = pool.startup_seconds
+        other = train.without_ids(train.ids[:20])
+        second = SISAEnsemble(tiny_config, store=str(tmp_path / "b"), backend="ray",
+                              executor=pool).fit(other, test)
+        assert {i: w._actor_id.hex() for i, w in pool._workers.items()} == actors
+        assert pool.startup_seconds == started
+        local = SISAEnsemble(tiny_config, store=str(tmp_path / "l"), backend="local").fit(other)
+        for s, (a, b) in enumerate(zip(second.shard_states(True), local.shard_states(True))):
+            for x, y in zip(a, b):
+                assert states_identical(x, y) == [], f"shard {s}"
+        # the first store is served again by the same workers, from its own checkpoints
+        np.testing.assert_array_equal(first.predict(test.features),
+                                      SISAEnsemble.open(str(tmp_path / "a"), backend="local")
+                                      .predict(test.features))
+    finally:
+        pool.shutdown()

@@ -499,7 +499,7 @@ def test_compare_offers_no_backend_and_a_preset_the_command_line_overrides(tmp_p
 @pytest.mark.ray
 @pytest.mark.slow
 def test_tiny_comparison_through_the_cli_logs_to_mlflow(ray_session, tmp_path, monkeypatch,
-                                                        capsys):
+                                                        capfd):
     from mlflow import MlflowClient
 
     from sisa_ray.cli import main
@@ -512,7 +512,11 @@ def test_tiny_comparison_through_the_cli_logs_to_mlflow(ray_session, tmp_path, m
                  "--max-train", "300", "--hidden", "32", "--experiment", "test-compare",
                  "--out", str(out), "--json"])
     assert code == 0
-    result = json.loads(capsys.readouterr().out)  # stdout is strict JSON only
+    captured = capfd.readouterr()  # at the file descriptors: Ray and Tune write there too
+    result = json.loads(captured.out)  # stdout is strict JSON only
+    for noise in ("Wrote the latest version of all result files", "SIGTERM",
+                  "worker processes have been started", "Trial status", "Traceback"):
+        assert noise not in captured.out + captured.err, noise
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == {"original", "ssd", "finetune", "exact SISA deletion",
                          "naive retrain (ensemble)"}

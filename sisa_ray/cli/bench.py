@@ -43,8 +43,10 @@ def cmd_bench(args) -> int:
                 f"(python -c 'import torch': {r['cli_import_torch_s']:.2f}s)")
     tp = summary["throughput"]
     lines.append(f"single model: accuracy {summary['single_model']['acc']:.4f}, "
-                 f"{summary['single_model']['wall_s']:.1f}s; shard actor throughput "
-                 f"{tp['ratio']:.2f}x a plain PyTorch loop")
+                 f"{summary['single_model']['wall_s']:.1f}s; warm shard actor throughput "
+                 f"{tp['ratio']:.2f}x a plain PyTorch loop computing, {tp['ratio_job']:.2f}x "
+                 f"for the whole job, {tp['ratio_with_driver']:.2f}x with the driver's call")
+    lines.append(f"whole run: {summary['total_wall_s']:.0f}s")
     _emit(args, summary, "\n".join(lines))
     return 0
 

@@ -22,7 +22,7 @@ _OPTIONS = {
     "shards": positive_int, "slices": positive_int, "num_samples": positive_int, "search": str,
     "scheduler": str, "seeds": positive_int, "max_train": positive_int, "seed": int,
     "mlflow_uri": str, "experiment": str, "out": str, "cpus_per_trial": float,
-    "gpus_per_trial": float, "max_concurrent": positive_int,
+    "gpus_per_trial": float, "max_concurrent": positive_int, "extra_fraction": float,
 }
 
 
@@ -101,6 +101,8 @@ def add_parsers(sub) -> None:
     opt("--seeds", "seeds: original, gold and unlearned models per seed, as parallel Ray tasks; "
                    "the forgetting quality needs 2 or more")
     opt("--max-train", "subsample the training split to this many samples")
+    opt("--extra-fraction", "share of the training split held out as extra data, trained on by "
+                            "no model: Twin MU's twin forget set, layer_reset's validation split")
     opt("--seed", "seed of the data split and of the search")
     opt("--mlflow-uri", "MLflow tracking URI; else MLFLOW_TRACKING_URI, else "
                         "sqlite:///$PWD/mlflow.db")
