@@ -641,6 +641,17 @@ def _adam_by_hand(w, b, grad_fn, lr, steps, beta1=0.9, beta2=0.999, eps=1e-8):
     return p
 
 
+def test_regression_random_labels_move_every_target_by_lo_to_hi_both_ways():
+    from approx.methods.random_labels import shifted_targets
+
+    y = np.linspace(-1, 1, 400).astype(np.float32)
+    out = shifted_targets(y, 3.0, 6.0, np.random.default_rng(0))
+    moved = out - y
+    assert out.dtype == y.dtype and (np.abs(moved) >= 3.0 - 1e-5).all()
+    assert (np.abs(moved) <= 6.0 + 1e-5).all()
+    assert (moved > 0).any() and (moved < 0).any()
+
+
 def test_random_labels_default_recipe_by_hand():
     """The amnesiac recipe of Foster et al.'s code: Adam lr 1e-4, 3 epochs, batch 128 (here one
     batch per epoch), the relabelled forget set mixed with all of the retain set."""

@@ -247,6 +247,18 @@ def test_generalization_labels_easy_where_the_model_is_right(mlp_problem):
     np.testing.assert_array_equal(easy == tm.EASY, pred == data.extra.labels)
 
 
+def test_predict_easy_reads_the_classifier_output_as_the_probability_of_easy():
+    """The code's convention (``evalb``): sigmoid > 0.5 is EASY. A classifier whose logit is
+    +3 for the first sample and -3 for the second calls them easy and hard."""
+
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return x[:, :1]
+
+    f = np.array([[3.0, 0.0], [-3.0, 0.0]], dtype=np.float32)
+    np.testing.assert_array_equal(tm.predict_easy(Fixed(), f), [tm.EASY, tm.HARD])
+
+
 def test_unlearning_labels_change_the_hard_samples_only():
     labels = np.array([0, 1, 2, 3, 4, 5, 6, 7])
     easy = np.array([1, 0, 1, 0, 0, 1, 0, 1])

@@ -189,15 +189,16 @@ def test_bench_honours_the_resource_options(monkeypatch):
     class Recorder:
         def __init__(self, config, **kwargs):
             made.update(kwargs)
-            self.executor = type("E", (), {"startup_seconds": 0.0})()
 
         def fit(self, train, test):
             return self
 
     monkeypatch.setattr("sisa_ray.ensemble.SISAEnsemble", Recorder)
-    bench._fit(None, None, None, "store", spec)
+    with bench._pool(spec) as pool:  # the bench's one pool of workers carries them
+        assert (pool.resources, pool.address) == (spec.resources, "10.0.0.1:6379")
+        bench._fit(None, None, None, "store", spec, pool)
     assert made == {"store": "store", "backend": "ray", "address": "10.0.0.1:6379",
-                    "resources": spec.resources}
+                    "resources": spec.resources, "executor": pool}
 
 
 # -- one-line failures ----------------------------------------------------------------------------

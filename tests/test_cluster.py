@@ -60,6 +60,19 @@ def cluster():
     c.stop()
 
 
+def test_a_relative_store_reaches_the_workers_as_an_absolute_path(cluster, tmp_path):
+    """The nodes run in another working directory than this driver: a relative --store must
+    name the same place for the workers (resolved in the driver before it leaves)."""
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    cfg = config(shards=2, slices=1, epochs=1)
+    out = sisa(*train_args("rel-store", cfg), address=cluster.address, cwd=here, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (here / "rel-store" / "manifest.json").exists()
+    assert not (Path.cwd() / "rel-store").exists()  # the nodes' working directory
+    assert_same_as_local(here / "rel-store", cfg, tmp_path)
+
+
 def test_training_across_nodes_is_bit_identical_to_one_node(cluster, tmp_path):
     cfg = config()
     out = sisa(*train_args(tmp_path / "multi", cfg), address=cluster.address, timeout=300)
