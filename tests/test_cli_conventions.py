@@ -434,6 +434,26 @@ def test_progress_bar_on_a_terminal(capsys):
     assert "retrain: 100%" in err and "2/2 [" in err and p._bar is None  # closed at the end
 
 
+def test_compare_counts_each_stage_with_a_bar_on_a_terminal(capsys):
+    from types import SimpleNamespace
+
+    from sisa_ray.cli.compare import _bar
+    from tune.compare import TrialProgress
+
+    tell = _bar("seeds with their models trained", 3)
+    for n in (1, 2, 3):
+        tell(n)
+    err = capsys.readouterr().err
+    assert "[compare] seeds with their models trained: 100%" in err and "3/3 [" in err
+    seen = []
+    tracker = SimpleNamespace(trial_finished=lambda *a: None)
+    trials = TrialProgress(tracker, 2, print,
+                           lambda label, total: lambda n: seen.append((label, n, total)))
+    trials.trial_finished("a", None)
+    trials.trial_finished("b", "boom")
+    assert seen == [("Tune trials ended", 1, 2), ("Tune trials ended", 2, 2)]
+
+
 def test_the_start_line_waits_so_a_quick_failure_is_one_line(capsys):
     p = Progress("train", "lines")
     p.announce("starting Ray workers", delay_s=0.0)

@@ -177,13 +177,24 @@ def every_tenth(total: int, label: str, say: Callable[[str], None],
     return tell
 
 
+#: ``counter(label, total)`` returns ``tell(n)``, called as ``n`` of ``total`` items finish
+Counter = Callable[[str, int], Callable[[int], None]]
+
+
+def lines_counter(say: Callable[[str], None]) -> Counter:
+    """The default counter: a line at every tenth (see :func:`every_tenth`); a terminal gets a
+    progress bar from the CLI instead."""
+    return lambda label, total: every_tenth(total, label, say)
+
+
 class TrialProgress:
     """The observer of the Tune experiment: tells MLflow (``tracker``) of every trial as it
     starts, reports and ends, and counts finished trials in a progress line."""
 
-    def __init__(self, tracker, total: int, say: Callable[[str], None]) -> None:
+    def __init__(self, tracker, total: int, say: Callable[[str], None],
+                 counter: Counter | None = None) -> None:
         self._tracker, self._n = tracker, 0
-        self._tell = every_tenth(total, "Tune trials ended", say)
+        self._tell = (counter or lines_counter(say))("Tune trials ended", total)
 
     def trial_started(self, trial_id: str, config: dict) -> None:
         self._tracker.trial_started(trial_id, config)
@@ -246,7 +257,7 @@ def _run_tasks(submit: list[Callable], limit: int | None, done: Callable[[int], 
 
 
 def run_comparison(cfg: CompareConfig, say: Callable[[str], None] = print,
-                   verbose: bool = False) -> dict:
+                   verbose: bool = False, counter: Counter | None = None) -> dict:
     """Run a whole comparison; return ``{"rows", "trials", "mlflow", "out"}``.
 
     ``say`` receives one progress line at a time. Unless ``verbose``, what Ray and Tune print
@@ -304,7 +315,8 @@ def run_comparison(cfg: CompareConfig, say: Callable[[str], None] = print,
     try:
         with quiet_ray(out / "ray-output.log", verbose):
             ensure_ray(cfg.address)
-            result = _compare(cfg, problem, train_set, methods, out, mlrun, say, verbose)
+            result = _compare(cfg, problem, train_set, methods, out, mlrun, say, verbose,
+                              counter or lines_counter(say))
         table = result["rows"]
         files = write_table(table, out)
         figs = figures(table)
@@ -333,7 +345,7 @@ def _close(figs: dict) -> None:
 
 
 def _compare(cfg: CompareConfig, problem: Problem, train_set, methods: list[str], out: Path,
-             mlrun, say: Callable[[str], None], verbose: bool) -> dict:
+             mlrun, say: Callable[[str], None], verbose: bool, counter: Counter) -> dict:
     """Seeds, the one Tune experiment, the reruns and the table (see the module docstring)."""
     import ray
 
@@ -347,7 +359,7 @@ def _compare(cfg: CompareConfig, problem: Problem, train_set, methods: list[str]
     problem.seeds = _run_tasks(
         [lambda s=s: seed_task.remote(problem_ref, train_ref, s) for s in range(cfg.seeds)],
         cfg.max_concurrent,
-        every_tenth(cfg.seeds, "seeds with their models trained", say),
+        counter("seeds with their models trained", cfg.seeds),
     )
     problem_ref = ray.put(problem)
 
@@ -363,7 +375,8 @@ def _compare(cfg: CompareConfig, problem: Problem, train_set, methods: list[str]
         mode="min", name="compare", storage_path=str(out / "tune"), seed=cfg.seed,
         resources={"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial},
         max_concurrent=cfg.max_concurrent, scheduler=cfg.scheduler,
-        group=lambda c: trial_point(c)[0], observer=TrialProgress(mlrun, n_trials, say),
+        group=lambda c: trial_point(c)[0],
+        observer=TrialProgress(mlrun, n_trials, say, counter),
         verbose=verbose,
         problem=problem, device=device, threads=threads,
     )
@@ -375,8 +388,8 @@ def _compare(cfg: CompareConfig, problem: Problem, train_set, methods: list[str]
     submit = [lambda n=n, s=s: rerun.remote(problem_ref, n, best[n], s, device, threads) for n, s in jobs]
     submit += [lambda s=s: reference.remote(problem_ref, s) for s in range(cfg.seeds)]
     total = len(submit)
-    finished = _run_tasks(submit, cfg.max_concurrent, every_tenth(
-        total, "best configs and references on every seed", say))
+    finished = _run_tasks(submit, cfg.max_concurrent,
+                          counter("best configs and references on every seed", total))
     per_method: dict[str, list[dict]] = {name: [] for name in best}
     for (name, _), res in zip(jobs, finished):
         per_method[name].append(res)

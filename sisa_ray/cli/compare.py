@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from ..core.config import MODELS
-from .common import _add_common, _emit, _status_printer, positive_int
+from .common import Progress, _add_common, _emit, _status_printer, positive_int, progress_mode
 
 # the options a preset may set, and their type on the command line
 _OPTIONS = {
@@ -46,6 +46,18 @@ def config_from_args(args) -> object:
     return CompareConfig(address=args.address, **values)
 
 
+def _bar(label: str, total: int):
+    """A tqdm bar counting one stage of the comparison (counts, rate, ETA)."""
+    bar = Progress(f"[compare] {label}", "bar", unit="item")
+
+    def tell(n: int) -> None:
+        bar.update(n, total)
+        if n >= total:
+            bar.close()
+
+    return tell
+
+
 def cmd_compare(args) -> int:
     from tune.compare import run_comparison
     from tune.report import to_markdown
@@ -53,7 +65,9 @@ def cmd_compare(args) -> int:
     cfg = config_from_args(args)
     verbose = bool(getattr(args, "verbose", False))
     say = _status_printer(args)
-    result = run_comparison(cfg, say=say, verbose=verbose)
+    # a terminal gets a bar per stage (seeds, trials, reruns); a log, a line at every tenth
+    counter = _bar if progress_mode(args) == "bar" else None
+    result = run_comparison(cfg, say=say, verbose=verbose, counter=counter)
     _emit(args, {**result, "config": dataclasses.asdict(cfg)}, to_markdown(result["rows"]))
     return 0
 
