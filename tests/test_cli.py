@@ -137,6 +137,21 @@ def test_bad_ids_are_one_line_and_change_nothing(cli_store, capsys, ids, message
     assert snapshot(tmp_path / "store") == before
 
 
+def test_the_same_train_again_opens_the_store_and_retrains_nothing(tmp_path, capsys):
+    """The README's way to resume an interrupted fit is to run the same command again; on a
+    store it finished it must open it, not crash, and leave every byte as it was."""
+    argv = ["train", "--store", str(tmp_path / "s"), "--backend", "local", "--shards", "2",
+            "--slices", "2", "--epochs", "1", "--json"]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and json.loads(out)["already_trained"] is False
+    before = snapshot(tmp_path / "s")
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["already_trained"] is True and res["nodes"] == 0
+    assert snapshot(tmp_path / "s") == before
+
+
 def test_store_that_is_a_file(tmp_path, capsys):
     f = tmp_path / "afile"
     f.write_text("x")

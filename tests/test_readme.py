@@ -50,6 +50,14 @@ def _env() -> dict[str, str]:
     return env
 
 
+def run_bash(script: str, cwd: Path, timeout: int) -> str:
+    """Run README lines as a user's shell would (stop at the first failure); return stdout."""
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=_env(),
+                         capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
 # commands of the Ray block that a run on one machine can do as written
 RUNNABLE = {"train", "delete", "predict", "status", "verify", "recover"}
 
@@ -74,17 +82,15 @@ def test_first_session_commands_say_backend_local_where_they_start_workers():
 
 @pytest.mark.slow
 def test_first_session_runs_as_written(tmp_path):
-    run = subprocess.run(["bash", "-euo", "pipefail", "-c", first_session()], cwd=tmp_path,
-                         env=_env(), capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
+    out = run_bash(first_session(), tmp_path, 600)
     # 42 is in the digits test split: the deletion reaches it there
-    assert "removed from the stored test split (no retraining): [42]" in run.stdout
+    assert "removed from the stored test split (no retraining): [42]" in out
     table = pq.read_table(tmp_path / "Y.parquet")
     assert {"id", "prediction", "vote_share", "proba", "label"} <= set(table.column_names)
     prov = read_provenance(table)
     assert prov["store"] == str(tmp_path / "store") and prov["generation"] == 3
-    assert "test predictions identical: True" in run.stdout
-    assert "EXACT: every shard is bit-for-bit" in run.stdout
+    assert "test predictions identical: True" in out
+    assert "EXACT: every shard is bit-for-bit" in out
 
 
 def test_every_sisa_ray_line_in_the_readme_parses():
@@ -103,12 +109,10 @@ def test_every_sisa_ray_line_in_the_readme_parses():
 @pytest.mark.slow
 @pytest.mark.ray
 def test_the_commands_on_ray_run_as_written(tmp_path):
-    run = subprocess.run(["bash", "-euo", "pipefail", "-c", ray_session()], cwd=tmp_path,
-                         env=_env(), capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "removed from the stored test split (no retraining): [42]" in run.stdout
-    assert "EXACT: every shard is bit-for-bit" in run.stdout
-    assert run.stdout.rstrip().endswith("Finished 0 request(s)")  # recover: nothing pending
+    out = run_bash(ray_session(), tmp_path, 900)
+    assert "removed from the stored test split (no retraining): [42]" in out
+    assert "EXACT: every shard is bit-for-bit" in out
+    assert out.rstrip().endswith("Finished 0 request(s)")  # recover: nothing pending
     prov = read_provenance(pq.read_table(tmp_path / "Y.parquet"))
     assert prov["vote"] == "hard" and prov["generation"] == 3
 

@@ -76,13 +76,18 @@ def cmd_train(args) -> int:
               "label present; pass --n-classes so that a retrain after deletions builds the "
               "same model", file=sys.stderr)
     status = ens.status()
-    nodes = ens.executor.placement()
+    # the same train command on a store it already trained opens it (and finishes pending
+    # deletions): nothing trained here, so there is no placement to report
+    trained = getattr(ens, "fit_results_", None) is not None
+    nodes = ens.executor.placement() if trained else []
     for entry, node in zip(status["shards"], nodes):
         entry["node"] = node
     payload = {"store": ens.store_.location, "config_hash": status["config_hash"],
                "wall_seconds": wall, "shards": status["shards"],
-               "nodes": len(set(nodes))}
-    lines = [f"Trained in {wall:.1f}s on {len(set(nodes))} node(s). Store: {ens.store_.location}"]
+               "nodes": len(set(nodes)), "already_trained": not trained}
+    lines = [f"Trained in {wall:.1f}s on {len(set(nodes))} node(s). Store: {ens.store_.location}"
+             if trained else f"Already trained with this config and data; opened "
+             f"{ens.store_.location} in {wall:.1f}s (nothing retrained)"]
     if test is not None:
         acc = _accuracy_table(ens, test)
         regression = test.task == "regression"
