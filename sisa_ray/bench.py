@@ -69,11 +69,13 @@ class BenchSpec:
     cli: bool = True
     address: str | None = None
     resources: ResourceConfig | None = None
+    threads: int = 1
 
 
 def plain_loop_throughput(data: SampleSet, model_name: str, batch_size: int, epochs: int,
-                          seed: int = 0) -> float:
-    """Samples per second of a bare PyTorch training loop (1 thread, same model and optimiser)."""
+                          seed: int = 0, threads: int = 1) -> float:
+    """Samples per second of a bare PyTorch training loop (same model, optimiser and torch
+    threads as a shard)."""
     training = TrainingConfig(model=model_name, batch_size=batch_size)
     model = build_model(model_name, data.input_shape, data.n_classes, seed=seed)
     opt = make_optimizer(model, training)
@@ -82,7 +84,7 @@ def plain_loop_throughput(data: SampleSet, model_name: str, batch_size: int, epo
     loss_fn = torch.nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    with deterministic_torch(1), seeded(seed, torch.device("cpu")):
+    with deterministic_torch(threads), seeded(seed, torch.device("cpu")):
         for _ in range(epochs):
             perm = torch.randperm(len(y), generator=gen)
             for s in range(0, len(y), batch_size):
@@ -148,7 +150,8 @@ def _fit(config: SISAConfig, train: SampleSet, test: SampleSet, store: str, spec
 
 def run_config(spec: BenchSpec, train: SampleSet, test: SampleSet, s: int, r: int, repeat: int,
                workdir: Path, cores: int, pool) -> dict:
-    training = TrainingConfig(model=spec.model, epochs=spec.epochs, batch_size=spec.batch_size)
+    training = TrainingConfig(model=spec.model, epochs=spec.epochs, batch_size=spec.batch_size,
+                              threads=spec.threads)
     config = SISAConfig(sharding=ShardingConfig(n_shards=s, n_slices=r, seed=repeat),
                         training=training)
     ens, fit_wall, startup = _fit(config, train, test, str(workdir / f"s{s}-r{r}-{repeat}"), spec,
@@ -159,6 +162,7 @@ def run_config(spec: BenchSpec, train: SampleSet, test: SampleSet, s: int, r: in
         "workers": len(ens.executor._workers),
         **{f"workers_{k}_mb": v for k, v in ens.executor.worker_memory_mb().items()},
         "shards": s, "slices": r, "repeat": repeat, "epochs": spec.epochs,
+        "threads_per_shard": spec.threads,
         "epochs_per_step": list(epochs_per_step(training, r)),
         "actor_startup_s": startup, "train_wall_s": fit_wall,
         "train_shard_sum_s": shard_sum, "parallel_efficiency": shard_sum / (fit_wall * concurrent),
@@ -328,10 +332,12 @@ def run_bench(spec: BenchSpec, out: Path, mlflow_uri: str | None = None,
         n_tp = min(len(train), 5000)
         sub = train.take(np.arange(n_tp))
         # best of three, each: a few seconds of training is at the mercy of the machine
-        plain = max(plain_loop_throughput(sub, spec.model, spec.batch_size, 2) for _ in range(3))
+        plain = max(plain_loop_throughput(sub, spec.model, spec.batch_size, 2,
+                                          threads=spec.threads) for _ in range(3))
         one = SISAConfig(sharding=ShardingConfig(n_shards=1, n_slices=1),
                          training=TrainingConfig(model=spec.model, epochs=2,
-                                                 batch_size=spec.batch_size))
+                                                 batch_size=spec.batch_size,
+                                                 threads=spec.threads))
         ens, _, _ = _fit(one, sub, test, str(work / "throughput"), spec, pool)
         warm = max((warm_actor_throughput(ens, n_tp * 2) for _ in range(3)),
                    key=lambda w: w["compute_per_s"])
@@ -538,4 +544,5 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
         epochs=given(args.epochs, preset["epochs"]), batch_size=args.batch_size,
         max_train=max_train, mode=args.mode, seed=args.seed, data_dir=args.data_dir,
         cli=not args.no_cli, address=args.address, resources=resources,
+        threads=args.threads,
     )

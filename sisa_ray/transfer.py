@@ -209,12 +209,60 @@ def cached_embedding(table: pa.Table, backbone_sha: str) -> np.ndarray | None:
 
 # -- pretraining --------------------------------------------------------------------------------------
 
+AUGMENTATIONS = ("none", "shift", "shift-flip")
+MAX_SHIFT = 2
 
-def pretrain(public: SampleSet, training: TrainingConfig, seed: int = 0) -> bytes:
+
+def augmenter(kind: str, input_shape: tuple[int, ...]):
+    """A mini-batch transform for pretraining on images, or None for ``"none"``.
+
+    ``shift`` moves each image by a random offset of up to :data:`MAX_SHIFT` pixels in each
+    direction (zero padding); ``shift-flip`` also mirrors each image left to right with
+    probability 1/2 (right for clothes and objects, wrong for digits and text). The offsets and
+    flips come from torch's global stream, which the training loop seeds per epoch, so the same
+    public data and seed give the same backbone. Shards never augment: only the public set, whose
+    samples are never deleted, is trained this way.
+    """
+    if kind not in AUGMENTATIONS:
+        raise ValueError(f"The 'augment' parameter must be one of {list(AUGMENTATIONS)}. Got "
+                         f"{kind!r} instead.")
+    if kind == "none":
+        return None
+    import torch
+
+    from .models import image_shape
+
+    shape = image_shape(input_shape)
+    h, w = shape[1:]
+    k = MAX_SHIFT
+
+    def apply(x):
+        n = x.shape[0]
+        img = x.reshape(n, *shape)
+        if kind == "shift-flip":
+            flip = torch.rand(n, device=x.device) < 0.5
+            img = torch.where(flip[:, None, None, None], img.flip(3), img)
+        padded = torch.nn.functional.pad(img, (k, k, k, k))
+        dy = torch.randint(0, 2 * k + 1, (n,), device=x.device)
+        dx = torch.randint(0, 2 * k + 1, (n,), device=x.device)
+        out = torch.empty_like(img)
+        for oy in range(2 * k + 1):
+            for ox in range(2 * k + 1):
+                rows = torch.nonzero((dy == oy) & (dx == ox)).flatten()
+                if rows.numel():
+                    out[rows] = padded[rows, :, oy:oy + h, ox:ox + w]
+        return out.reshape(x.shape)
+
+    return apply
+
+
+def pretrain(public: SampleSet, training: TrainingConfig, seed: int = 0,
+             augment: str = "none") -> bytes:
     """Train a model of ``training.model`` on the public set and return its backbone file.
 
     The model trains as one unsliced shard with the package's deterministic loop (so the same
-    public data and seed give the same bytes); its penultimate layer is the backbone.
+    public data, seed and ``augment`` (see :func:`augmenter`) give the same bytes); its
+    penultimate layer is the backbone.
     """
     import torch
 
@@ -223,6 +271,7 @@ def pretrain(public: SampleSet, training: TrainingConfig, seed: int = 0) -> byte
 
     if public.task != "classification":
         raise ValueError(f"pretrain needs a classification set; {public.name} is {public.task}.")
+    transform = augmenter(augment, public.input_shape)
     sharding = ShardingConfig(n_shards=1, n_slices=1, seed=seed)
     training = dataclasses.replace(training, backbone=None)
     model = build_model(training.model, public.input_shape, public.n_classes,
@@ -232,7 +281,7 @@ def pretrain(public: SampleSet, training: TrainingConfig, seed: int = 0) -> byte
         for res in train_steps(model, optimizer, public.features, public.labels, public.ids,
                                np.zeros(len(public), dtype=np.int64), sharding=sharding,
                                training=training, shard=0, start_step=0,
-                               device=torch.device("cpu")):
+                               device=torch.device("cpu"), augment=transform):
             log.info("pretrained %s on %d public samples in %.1fs", training.model,
                      res.n_samples, res.seconds)
     return backbone_bytes(training.model, public.input_shape, training.hidden, public.n_classes,

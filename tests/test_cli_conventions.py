@@ -180,9 +180,10 @@ def test_bench_honours_the_resource_options(monkeypatch):
 
     args = build_parser().parse_args(
         ["bench", "--cpus-per-shard", "2", "--gpus-per-shard", "0.5", "--max-concurrent", "3",
-         "--address", "10.0.0.1:6379", "--shards", "2,4", "--slices", "1"])
+         "--address", "10.0.0.1:6379", "--shards", "2,4", "--slices", "1", "--threads", "2"])
     spec = bench.spec_from_args(args)
     assert spec.resources == ResourceConfig(num_cpus=2.0, num_gpus=0.5, max_concurrent=3)
+    assert spec.threads == 2
     assert spec.address == "10.0.0.1:6379" and spec.shards == [2, 4] and spec.slices == [1]
     made = {}
 

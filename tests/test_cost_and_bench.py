@@ -50,14 +50,15 @@ def test_bench_tiny_run(ray_session, tmp_path, capsys):
     out = tmp_path / "bench"
     code = main(["bench", "--dataset", "digits", "--model", "mlp", "--shards", "2",
                  "--slices", "2", "--requests", "2", "--repeats", "1", "--epochs", "2",
-                 "--max-train", "300", "--out", str(out), "--no-mlflow", "--no-cli", "--json"])
+                 "--max-train", "300", "--threads", "2", "--out", str(out), "--no-mlflow",
+                 "--no-cli", "--json"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     (row,) = summary["rows"]
-    assert row["shards"] == 2 and row["slices"] == 2
+    assert row["shards"] == 2 and row["slices"] == 2 and row["threads_per_shard"] == 2
     assert 0 < row["parallel_efficiency"] <= 1.5
-    # real torch processes
-    assert 1 <= row["workers"] <= 2 and row["workers_pss_mb"] > row["workers_uss_mb"] > 50
+    # real torch processes: two threads per shard on the session's 2 CPUs is one worker
+    assert row["workers"] == 1 and row["workers_pss_mb"] > row["workers_uss_mb"] > 50
     assert row["seq_delete_sample_steps"] <= row["full_sample_steps"]
     assert row["batch_delete_sample_steps"] <= row["full_sample_steps"]
     assert row["expected_speedup_one"] == pytest.approx(

@@ -139,7 +139,8 @@ def test_same_request_id_twice_is_one_deletion(tiny, tiny_config, tmp_path):
         ens.unlearn([int(train.ids[2])], request_id="gdpr-1")
 
 
-@pytest.mark.parametrize("model,optimizer", [("cnn", "sgd"), ("resnet18", "adam")])
+@pytest.mark.parametrize("model,optimizer", [("cnn", "sgd"), ("wide_cnn", "adam"),
+                                             ("resnet18", "adam")])
 def test_exact_with_conv_models(tiny, tmp_path, model, optimizer):
     train, test = tiny
     train, test = train.take(np.arange(96)), test.take(np.arange(20))

@@ -42,6 +42,13 @@ def backbone(split):
     return pretrain(split[0], PRETRAIN, seed=1)
 
 
+@pytest.fixture(scope="module")
+def conv_backbone(split):
+    """A batch-norm conv backbone pretrained with augmentation, the benchmark's kind."""
+    return pretrain(split[0], dataclasses.replace(PRETRAIN, model="wide_cnn", epochs=1), seed=1,
+                    augment="shift-flip")
+
+
 def fit(tmp_path, name, data, backbone, test=None, config=CONFIG):
     return SISAEnsemble(config, store=str(tmp_path / name), backend="local",
                         backbone=backbone).fit(data, test)
@@ -117,7 +124,9 @@ def test_bad_backbone_config_is_refused():
         TrainingConfig(model="cnn", backbone="0" * 64)
 
 
-def test_unlearn_with_cached_features_equals_fresh_fit(split, backbone, tmp_path):
+@pytest.mark.parametrize("kind", ["backbone", "conv_backbone"])
+def test_unlearn_with_cached_features_equals_fresh_fit(split, kind, request, tmp_path):
+    backbone = request.getfixturevalue(kind)
     _, rest, test = split
     ens = fit(tmp_path, "s", rest, backbone, test)
     sha = ens.config_.training.backbone
@@ -151,6 +160,48 @@ def test_unlearn_with_cached_features_equals_fresh_fit(split, backbone, tmp_path
     np.testing.assert_array_equal(p1, p2)
     np.testing.assert_array_equal(ens.predict(test.features), fresh.predict(test.features))
     assert ens.verify().identical
+
+
+def _translations(img: np.ndarray, k: int):
+    """Every translation of ``img`` (C, H, W) by up to ``k`` pixels, zero-filled."""
+    padded = np.pad(img, ((0, 0), (k, k), (k, k)))
+    h, w = img.shape[1:]
+    return [padded[:, oy:oy + h, ox:ox + w] for oy in range(2 * k + 1) for ox in range(2 * k + 1)]
+
+
+@pytest.mark.parametrize("kind", ["shift", "shift-flip"])
+def test_augmentation_shifts_and_mirrors_each_image(kind):
+    import torch
+
+    from sisa_ray.core.training import seeded
+    from sisa_ray.transfer import MAX_SHIFT, augmenter
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.random((200, 64), dtype=np.float32))  # digits' 8x8, flat
+    with seeded(7, torch.device("cpu")):
+        out = augmenter(kind, (64,))(x).numpy()
+    with seeded(7, torch.device("cpu")):
+        again = augmenter(kind, (64,))(x).numpy()
+    np.testing.assert_array_equal(out, again)  # its randomness is the seeded stream's
+    assert out.shape == x.shape
+    mirrored, moved = 0, 0
+    for src, got in zip(x.numpy().reshape(-1, 1, 8, 8), out.reshape(-1, 1, 8, 8)):
+        plain = [np.array_equal(got, t) for t in _translations(src, MAX_SHIFT)]
+        flipped = [np.array_equal(got, t) for t in _translations(src[:, :, ::-1], MAX_SHIFT)]
+        assert any(plain) or (kind == "shift-flip" and any(flipped))
+        mirrored += not any(plain)
+        moved += not (plain[len(plain) // 2] or flipped[len(flipped) // 2])
+    assert (mirrored == 0) if kind == "shift" else 60 < mirrored < 140
+    assert moved > 150  # 24 of the 25 offsets move the image
+
+
+def test_pretraining_with_augmentation_is_reproducible_and_checked(split):
+    small = dataclasses.replace(PRETRAIN, model="cnn", epochs=1)
+    a = pretrain(split[0], small, seed=1, augment="shift")
+    assert a == pretrain(split[0], small, seed=1, augment="shift")
+    assert a != pretrain(split[0], small, seed=1)
+    with pytest.raises(ValueError, match="'augment' parameter must be one of"):
+        pretrain(split[0], small, seed=1, augment="rotate")
 
 
 def _rows(data, ids):
@@ -212,8 +263,9 @@ def test_cli_pretrain_train_delete(tmp_path, capsys):
     from sisa_ray.datasets import load_digits
 
     bb_path = str(tmp_path / "bb.pt")
-    code = main(["pretrain", "--dataset", "digits", "--public", "400", "--model", "mlp",
-                 "--epochs", "1", "--hidden", "16", "--out", bb_path, "--json"])
+    code = main(["pretrain", "--dataset", "digits", "--public", "400", "--model", "cnn",
+                 "--epochs", "1", "--hidden", "16", "--augment", "shift", "--out", bb_path,
+                 "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["n_public"] == 400
     with open(bb_path, "rb") as fh:

@@ -83,6 +83,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64, help="minibatch size")
     p.add_argument("--max-train", type=positive_int, default=None,
                    help="subsample the training split to this many (default: the preset's)")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch threads per shard: the pool runs CPUs / threads workers, so more "
+                        "threads make a fit less parallel and a one-shard deletion faster")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsample and the victims")
     p.add_argument("--out", default=None, help="results directory (default: ./bench-results)")
     p.add_argument("--mlflow-uri", default=None,

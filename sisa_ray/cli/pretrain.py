@@ -12,6 +12,7 @@ import sys
 import time
 
 from ..core.config import MODELS, TrainingConfig
+from ..transfer import AUGMENTATIONS
 from .common import CLIError, _emit
 
 
@@ -67,6 +68,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     p.add_argument("--hidden", type=int, default=128, help="width of the backbone's last layer")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--augment", choices=list(AUGMENTATIONS), default="none",
+                   help="random shifts of up to 2 pixels (shift), and left-right mirroring "
+                        "(shift-flip: for clothes and objects, not digits)")
     p.add_argument("--seed", type=int, default=0, help="seed of the backbone's training")
     p.add_argument("--n-classes", type=int, default=None, help="classes of Parquet data")
     have = p._option_string_actions

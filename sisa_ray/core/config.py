@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-MODELS = ("mlp", "cnn", "resnet18")
+MODELS = ("mlp", "cnn", "wide_cnn", "resnet18")
 OPTIMIZERS = ("adam", "sgd")
 EPOCH_SCHEDULES = ("sisa", "per_slice")
 PLACEMENTS = ("hash", "prior", "group")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,11 +113,14 @@ def train_steps(
     start_step: int,
     device: torch.device,
     task: str = "classification",
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[StepResult]:
     """Train steps ``start_step..R-1`` in place, yielding after each so the caller checkpoints.
 
     ``model`` and ``optimizer`` must hold the state after step ``start_step - 1`` (or a fresh
     initialisation when ``start_step`` is 0). ``slice_of[i]`` is the slice of sample ``ids[i]``.
+    ``augment`` transforms each mini-batch's inputs, drawing its randomness from torch's global
+    stream, which is seeded per ``(seed, shard, step, epoch)`` like dropout's.
     """
     epochs = epochs_per_step(training, sharding.n_slices)
     # from_numpy needs writable memory; Arrow-backed arrays are read-only.
@@ -142,8 +145,9 @@ def train_steps(
                 for start, stop in batch_bounds(n, bs):
                     idx = order_t[start:stop]
                     optimizer.zero_grad(set_to_none=True)
+                    xb = x_all[idx] if augment is None else augment(x_all[idx])
                     with single_sample_batch_norm(model, stop - start):
-                        loss = loss_fn(model(x_all[idx]), y_all[idx])
+                        loss = loss_fn(model(xb), y_all[idx])
                     loss.backward()
                     optimizer.step()
         yield StepResult(
