@@ -9,7 +9,8 @@ def test_error_names_parameter_allowed_and_received():
     msg = r"'n_shards' parameter of ShardingConfig must be an int >= 1\. Got 0 instead"
     with pytest.raises(ValueError, match=msg):
         ShardingConfig(n_shards=0)
-    with pytest.raises(ValueError, match=r"'model' parameter .* one of \['mlp', 'cnn', 'wide_cnn', 'resnet18'\]"):
+    models = r"\['mlp', 'cnn', 'wide_cnn', 'resnet18'\]"
+    with pytest.raises(ValueError, match=r"'model' parameter .* one of " + models):
         TrainingConfig(model="vgg")
     with pytest.raises(ValueError, match="'lr'"):
         TrainingConfig(lr=0)

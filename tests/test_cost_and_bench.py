@@ -61,6 +61,8 @@ def test_bench_tiny_run(ray_session, tmp_path, capsys):
     assert row["workers"] == 1 and row["workers_pss_mb"] > row["workers_uss_mb"] > 50
     assert row["seq_delete_sample_steps"] <= row["full_sample_steps"]
     assert row["batch_delete_sample_steps"] <= row["full_sample_steps"]
+    assert row["seq_speedup_wall_vs_retrain"] == pytest.approx(
+        row["retrain_ensemble_wall_s"] / row["seq_delete_wall_s"])
     assert row["expected_speedup_one"] == pytest.approx(
         expected_speedup(2, epochs_per_step(TrainingConfig(epochs=2), 2)))
     tp = summary["throughput"]
