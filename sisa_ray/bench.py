@@ -70,6 +70,7 @@ class BenchSpec:
     address: str | None = None
     resources: ResourceConfig | None = None
     threads: int = 1
+    micro_batches: int = 1
 
 
 def plain_loop_throughput(data: SampleSet, model_name: str, batch_size: int, epochs: int,
@@ -151,7 +152,7 @@ def _fit(config: SISAConfig, train: SampleSet, test: SampleSet, store: str, spec
 def run_config(spec: BenchSpec, train: SampleSet, test: SampleSet, s: int, r: int, repeat: int,
                workdir: Path, cores: int, pool) -> dict:
     training = TrainingConfig(model=spec.model, epochs=spec.epochs, batch_size=spec.batch_size,
-                              threads=spec.threads)
+                              threads=spec.threads, micro_batches=spec.micro_batches)
     config = SISAConfig(sharding=ShardingConfig(n_shards=s, n_slices=r, seed=repeat),
                         training=training)
     ens, fit_wall, startup = _fit(config, train, test, str(workdir / f"s{s}-r{r}-{repeat}"), spec,
@@ -162,7 +163,7 @@ def run_config(spec: BenchSpec, train: SampleSet, test: SampleSet, s: int, r: in
         "workers": len(ens.executor._workers),
         **{f"workers_{k}_mb": v for k, v in ens.executor.worker_memory_mb().items()},
         "shards": s, "slices": r, "repeat": repeat, "epochs": spec.epochs,
-        "threads_per_shard": spec.threads,
+        "threads_per_shard": spec.threads, "micro_batches": spec.micro_batches,
         "epochs_per_step": list(epochs_per_step(training, r)),
         "actor_startup_s": startup, "train_wall_s": fit_wall,
         "train_shard_sum_s": shard_sum, "parallel_efficiency": shard_sum / (fit_wall * concurrent),
@@ -341,7 +342,8 @@ def run_bench(spec: BenchSpec, out: Path, mlflow_uri: str | None = None,
         one = SISAConfig(sharding=ShardingConfig(n_shards=1, n_slices=1),
                          training=TrainingConfig(model=spec.model, epochs=2,
                                                  batch_size=spec.batch_size,
-                                                 threads=spec.threads))
+                                                 threads=spec.threads,
+                                                 micro_batches=spec.micro_batches))
         ens, _, _ = _fit(one, sub, test, str(work / "throughput"), spec, pool)
         warm = max((warm_actor_throughput(ens, n_tp * 2) for _ in range(3)),
                    key=lambda w: w["compute_per_s"])
@@ -542,6 +544,9 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
                          f"{max(1, (max_train - 5) // 2)} or less, or a larger --max-train.")
     resources = ResourceConfig(num_cpus=args.cpus_per_shard, num_gpus=args.gpus_per_shard,
                                max_concurrent=args.max_concurrent)
+    # the training options together, checked before the data loads and Ray starts
+    TrainingConfig(model=args.model, batch_size=args.batch_size, threads=args.threads,
+                   micro_batches=args.micro_batches)
     return BenchSpec(
         dataset=args.dataset, model=args.model,
         shards=given(args.shards, preset["shards"]), slices=given(args.slices, preset["slices"]),
@@ -549,5 +554,5 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
         epochs=given(args.epochs, preset["epochs"]), batch_size=args.batch_size,
         max_train=max_train, mode=args.mode, seed=args.seed, data_dir=args.data_dir,
         cli=not args.no_cli, address=args.address, resources=resources,
-        threads=args.threads,
+        threads=args.threads, micro_batches=args.micro_batches,
     )

@@ -60,6 +60,7 @@ class ShardRetrain:
     sample_steps: int
     seconds: float
     train_seconds: float = 0.0
+    threads: int = 1  # the cores its retrain used (see TrainingConfig.micro_batches)
 
 
 @dataclass
@@ -351,7 +352,7 @@ def apply(ctx: DeletionContext, requests: list[Request], lock,
     shards = [
         ShardRetrain(shard=j.shard, restart_slice=j.start_step, deleted=len(j.remove_ids),
                      sample_steps=r["sample_steps"], seconds=r["seconds"],
-                     train_seconds=r["train_seconds"])
+                     train_seconds=r["train_seconds"], threads=r.get("threads", 1))
         for j, r in sorted(zip(jobs, results), key=lambda jr: jr[0].shard)
     ]
     full = sum(sample_steps(np.asarray(e.slice_counts), epochs) for e in new.shards)

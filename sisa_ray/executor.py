@@ -20,6 +20,7 @@ whose store is gone, or that sat idle for ``idle_timeout_s``, stops itself.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -33,7 +34,7 @@ import numpy as np
 
 from .core.config import ResourceConfig
 from .core.jobs import TrainJob
-from .core.runtime import check_capability
+from .core.runtime import check_capability, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ class LocalExecutor:
     def run_jobs(self, jobs: Sequence[TrainJob], progress: Progress | None = None) -> list[dict]:
         results = []
         for job in jobs:
-            res = self._get().train(job)
+            # one job at a time in this process: it may use every core
+            res = self._get().train(dataclasses.replace(job, parallel=usable_cores()))
             results.append(res)
             if progress:
                 progress({"shard": job.shard, "done": len(results), "total": len(jobs), **res})
@@ -385,7 +387,8 @@ class RayExecutor:
     def run_jobs(self, jobs: Sequence[TrainJob], progress: Progress | None = None) -> list[dict]:
         import ray
 
-        n = min(self.n_workers(), len(jobs))
+        total = self.n_workers()
+        n = min(total, len(jobs))
         self._start(range(n))
         idle = list(range(n))
         pending = list(jobs)
@@ -393,7 +396,11 @@ class RayExecutor:
         results: dict[int, dict] = {}
         while pending or running:
             while pending and idle:
+                # the cores that no other job takes can go to this one (a deletion that
+                # retrains one shard uses them all; a fit keeps one per shard)
+                share = max(1, (total - len(running)) // len(pending)) * self._threads
                 job, w = pending.pop(0), idle.pop(0)
+                job = dataclasses.replace(job, parallel=share)
                 running[self._workers[w].train.remote(job)] = (w, job)
             done, _ = ray.wait(list(running), num_returns=1)
             for ref in done:

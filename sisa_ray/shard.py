@@ -27,7 +27,7 @@ from .core.data import SampleSet
 from .core.jobs import TrainJob, TrainResult
 from .core.manifest import FileRef, ShardEntry, read_store_meta, shard_dir
 from .core.plan import PLACEMENT_FILE, assign, load_placement
-from .core.runtime import check_runtime
+from .core.runtime import check_runtime, usable_cores
 from .core.store import Store, StoreError
 from .core.training import (
     deterministic_torch,
@@ -264,6 +264,8 @@ class ShardWorker:
             optimizer.load_state_dict(base.optimizer_state)
 
         total_steps = 0
+        threads = (min(job.parallel, usable_cores(), training.micro_batches)
+                   if training.micro_batches > 1 else training.threads)
         t_train = time.perf_counter()
         phases["setup"] = t_train - t_setup
         with deterministic_torch(training.threads):
@@ -271,6 +273,7 @@ class ShardWorker:
                 model, optimizer, features, samples.labels, samples.ids, slice_of,
                 sharding=sharding, training=training, shard=shard,
                 start_step=job.start_step, device=self.device, task=self.task,
+                parallel=threads,
             ):
                 total_steps += res.sample_steps
                 t_ckpt = time.perf_counter()
@@ -296,7 +299,7 @@ class ShardWorker:
         return asdict(TrainResult(
             entry=entry.to_dict(), sample_steps=total_steps,
             seconds=time.perf_counter() - t0, train_seconds=train_seconds,
-            start_step=job.start_step, phases=phases,
+            start_step=job.start_step, phases=phases, threads=threads,
         ))
 
 

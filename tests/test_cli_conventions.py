@@ -144,6 +144,8 @@ def _must_not_run(*a, **k):
     (["--out", __file__], "is a file; give a directory"),
     (["--max-concurrent", "0"], "max_concurrent"),
     (["--gpus-per-shard", "-1"], "num_gpus"),
+    (["--micro-batches", "2", "--threads", "2"], r"'micro_batches' .* needs threads=1"),
+    (["--model", "wide_cnn", "--micro-batches", "2"], r"'wide_cnn': its batch norm"),
 ])
 def test_bench_checks_options_that_span_each_other_before_running(capsys, monkeypatch, argv,
                                                                     message):

@@ -88,6 +88,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads per shard: the pool runs CPUs / threads workers, so more "
                         "threads make a fit less parallel and a one-shard deletion faster")
+    p.add_argument("--micro-batches", type=positive_int, default=1,
+                   help="micro-batches per minibatch (see train --micro-batches): a one-shard "
+                        "deletion computes them on the idle workers' cores")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsample and the victims")
     p.add_argument("--out", default=None, help="results directory (default: ./bench-results)")
     p.add_argument("--mlflow-uri", default=None,

@@ -51,7 +51,8 @@ def cmd_train(args) -> int:
         training=TrainingConfig(
             model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             epoch_schedule=args.epoch_schedule, threads=args.threads,
-            n_classes=args.n_classes, device=args.device, cpu_capability=args.cpu_capability,
+            micro_batches=args.micro_batches, n_classes=args.n_classes, device=args.device,
+            cpu_capability=args.cpu_capability,
         ),
     )
     train, config = train_inputs(args, train, config)
@@ -403,6 +404,11 @@ def add_parsers(sub) -> None:
                    help="sisa: the paper's schedule (epochs spread over the slices); per_slice: "
                         "every slice step trains --epochs epochs")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training shard")
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="split each minibatch into this many micro-batches whose gradients are "
+                        "summed in order, each on one thread: a deletion that retrains few "
+                        "shards then uses the idle cores, with the same bits (models without "
+                        "batch norm; recorded)")
     p.add_argument("--seed", type=int, default=0,
                    help="base seed: shard and slice placement, initialisation, order")
     p.add_argument("--n-classes", type=int, default=None,

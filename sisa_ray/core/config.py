@@ -16,6 +16,9 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 MODELS = ("mlp", "cnn", "wide_cnn", "resnet18")
+# models whose layers normalise over the batch: their statistics would differ between a batch and
+# its micro-batches, and each micro-batch's replica would update the running ones on its own
+BATCH_NORM_MODELS = ("wide_cnn", "resnet18")
 OPTIMIZERS = ("adam", "sgd")
 EPOCH_SCHEDULES = ("sisa", "per_slice")
 PLACEMENTS = ("hash", "prior", "group")
@@ -144,6 +147,10 @@ class TrainingConfig:
     device: str = "cpu"
     cpu_capability: str | None = None
     backbone: str | None = None
+    # each mini-batch's gradient is the sum, in order, of the gradients of this many contiguous
+    # micro-batches, each computed on one thread: the bits do not depend on how many threads or
+    # cores compute them, so a deletion that retrains one shard can use every idle core
+    micro_batches: int = 1
 
     def __post_init__(self) -> None:
         check_choice("TrainingConfig", "model", self.model, MODELS)
@@ -185,6 +192,37 @@ class TrainingConfig:
                     f"backbone's features and must be 'mlp' with a backbone. Got {self.model!r} "
                     "instead; the backbone's own architecture is recorded in its file."
                 )
+        self._check_micro_batches()
+
+    def _check_micro_batches(self) -> None:
+        check_int("TrainingConfig", "micro_batches", self.micro_batches, 1)
+        if self.micro_batches == 1:
+            return
+        if self.micro_batches > self.batch_size:
+            raise ValueError(
+                f"The 'micro_batches' parameter of TrainingConfig must be at most batch_size "
+                f"({self.batch_size}): each micro-batch holds at least one sample. Got "
+                f"{self.micro_batches} instead."
+            )
+        if self.threads != 1:
+            raise ValueError(
+                "The 'micro_batches' parameter of TrainingConfig needs threads=1: each "
+                "micro-batch is computed on one thread, and the micro-batches run in parallel "
+                f"instead. Got threads={self.threads} with micro_batches={self.micro_batches}; "
+                "pass one of them."
+            )
+        if self.device != "cpu":
+            raise ValueError(
+                "The 'micro_batches' parameter of TrainingConfig splits a batch over CPU "
+                f"threads; on {self.device!r} leave it at 1."
+            )
+        if self.model in BATCH_NORM_MODELS:
+            raise ValueError(
+                f"The 'micro_batches' parameter of TrainingConfig cannot split the batches of "
+                f"{self.model!r}: its batch norm would see each micro-batch alone. Use "
+                f"micro_batches=1, or a model without batch norm "
+                f"({', '.join(m for m in MODELS if m not in BATCH_NORM_MODELS)})."
+            )
 
     @property
     def resolved(self) -> bool:
@@ -265,7 +303,7 @@ class SISAConfig:
 # options added after stores were first written, with their defaults (see config_hash)
 _LATER_OPTIONS: dict[str, dict[str, Any]] = {
     "sharding": {"placement": "hash", "hot_shards": 1, "hot_prior": 0.5, "placement_digest": None},
-    "training": {"backbone": None},
+    "training": {"backbone": None, "micro_batches": 1},
 }
 
 

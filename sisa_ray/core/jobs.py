@@ -24,6 +24,9 @@ class TrainJob:
     # to ``data["path"]`` itself (so shard files are written in parallel, each by the worker that
     # trains it, not one after another by the driver); None: ``data`` is in the store already
     rows: Any = None
+    # cores the job may use for ``micro_batches > 1`` (the executor's idle workers): speed only,
+    # never the bits, which do not depend on it
+    parallel: int = 1
 
     def shard_ids(self, store) -> Any:
         """The ids of the shard's rows, from ``rows`` or from the store."""
@@ -47,3 +50,4 @@ class TrainResult:
     # "features" (a frozen backbone's), "setup" (model, optimiser, base checkpoint),
     # "compute" (forward and backward passes only), "checkpoint" (serialise, hash, write)
     phases: dict = field(default_factory=dict)
+    threads: int = 1  # the cores that computed it (micro-batches in parallel): speed, not bits

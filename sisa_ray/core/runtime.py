@@ -71,3 +71,11 @@ def check_capability(want: str | None, where: str = "this process") -> None:
             f"ATEN_CPU_CAPABILITY={want} (Ray workers get it automatically), on a CPU that "
             f"supports {want}; or train a new store there."
         )
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)

@@ -11,9 +11,11 @@ resuming from the checkpoint after step ``r-1`` gives exactly the weights of an 
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,12 +29,12 @@ _INIT_TAG = 0x1417
 _STEP_TAG = 0x57E9
 
 
-def supervised_loss(task: str):
+def supervised_loss(task: str, reduction: str = "mean"):
     """Cross-entropy for classification; mean squared error on the single output for regression."""
     if task == "regression":
-        mse = nn.MSELoss()
+        mse = nn.MSELoss(reduction=reduction)
         return lambda out, y: mse(out.squeeze(1), y)
-    return nn.CrossEntropyLoss()
+    return nn.CrossEntropyLoss(reduction=reduction)
 
 
 _det_lock = threading.Lock()
@@ -114,6 +116,7 @@ def train_steps(
     device: torch.device,
     task: str = "classification",
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    parallel: int = 1,
 ) -> Iterator[StepResult]:
     """Train steps ``start_step..R-1`` in place, yielding after each so the caller checkpoints.
 
@@ -121,6 +124,8 @@ def train_steps(
     initialisation when ``start_step`` is 0). ``slice_of[i]`` is the slice of sample ``ids[i]``.
     ``augment`` transforms each mini-batch's inputs, drawing its randomness from torch's global
     stream, which is seeded per ``(seed, shard, step, epoch)`` like dropout's.
+    ``parallel``: threads that compute the micro-batches of ``training.micro_batches > 1``
+    (it changes the speed, never the bits).
     """
     epochs = epochs_per_step(training, sharding.n_slices)
     # from_numpy needs writable memory; Arrow-backed arrays are read-only.
@@ -130,30 +135,107 @@ def train_steps(
     y_all = y_all.to(device)
     loss_fn = supervised_loss(task)
     bs = training.batch_size
-    for step in range(start_step, sharding.n_slices):
-        t0 = time.perf_counter()
-        rows = np.flatnonzero(slice_of <= step)
-        step_ids = ids[rows]
-        n = int(rows.size)
-        model.train()
-        for epoch in range(epochs[step]):
-            if n == 0:
-                break
-            order = rows[training_order(step_ids, sharding.seed, shard, step, epoch)]
-            order_t = torch.as_tensor(order, device=device)
-            with seeded(derive_seed(_STEP_TAG, sharding.seed, shard, step, epoch), device):
-                for start, stop in batch_bounds(n, bs):
-                    idx = order_t[start:stop]
-                    optimizer.zero_grad(set_to_none=True)
-                    xb = x_all[idx] if augment is None else augment(x_all[idx])
-                    with single_sample_batch_norm(model, stop - start):
-                        loss = loss_fn(model(xb), y_all[idx])
-                    loss.backward()
-                    optimizer.step()
-        yield StepResult(
-            step=step, n_samples=n, sample_steps=n * epochs[step],
-            seconds=time.perf_counter() - t0, ids=step_ids,
-        )
+    micro = (MicroBatches(model, task, training.micro_batches, parallel)
+             if training.micro_batches > 1 else None)
+    try:
+        for step in range(start_step, sharding.n_slices):
+            t0 = time.perf_counter()
+            rows = np.flatnonzero(slice_of <= step)
+            step_ids = ids[rows]
+            n = int(rows.size)
+            model.train()
+            for epoch in range(epochs[step]):
+                if n == 0:
+                    break
+                order = rows[training_order(step_ids, sharding.seed, shard, step, epoch)]
+                order_t = torch.as_tensor(order, device=device)
+                with seeded(derive_seed(_STEP_TAG, sharding.seed, shard, step, epoch), device):
+                    for start, stop in batch_bounds(n, bs):
+                        idx = order_t[start:stop]
+                        optimizer.zero_grad(set_to_none=True)
+                        xb = x_all[idx] if augment is None else augment(x_all[idx])
+                        if micro is not None:
+                            micro.backward(xb, y_all[idx])
+                        else:
+                            with single_sample_batch_norm(model, stop - start):
+                                loss = loss_fn(model(xb), y_all[idx])
+                            loss.backward()
+                        optimizer.step()
+            yield StepResult(
+                step=step, n_samples=n, sample_steps=n * epochs[step],
+                seconds=time.perf_counter() - t0, ids=step_ids,
+            )
+    finally:
+        if micro is not None:
+            micro.close()
+
+
+def micro_bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of the ``min(parts, n)`` contiguous micro-batches of a batch of ``n``:
+    sizes differ by at most one, the larger first. A pure function of ``n`` and ``parts``."""
+    k = min(parts, n)
+    q, r = divmod(n, k)
+    bounds, start = [], 0
+    for i in range(k):
+        stop = start + q + (i < r)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+class MicroBatches:
+    """A mini-batch's gradients as the sum, in micro-batch order, of each micro-batch's own:
+    ``sum of losses / batch size`` backpropagated on one thread. Each micro-batch's gradients
+    are the same bits whichever thread computes them, on the model or on a replica holding its
+    weights, and the sum's order is fixed, so the result does not depend on ``parallel``: a
+    deletion may use every idle core and still reproduce a fit that used one. (Models with
+    batch norm are refused by the config: their statistics would be per micro-batch, and each
+    replica would update the running ones on its own.)"""
+
+    def __init__(self, model: nn.Module, task: str, parts: int, parallel: int) -> None:
+        self.model = model
+        self.parts = parts
+        self.loss_fn = supervised_loss(task, reduction="sum")
+        n = max(1, min(parallel, parts))
+        self.replicas = [model] + [copy.deepcopy(model) for _ in range(n - 1)]
+        # one intra-op thread in each: MKL keeps its thread count per thread, and a new
+        # thread would otherwise start with its default (every core)
+        self.pool = ThreadPoolExecutor(n, thread_name_prefix="micro-batch",
+                                       initializer=torch.set_num_threads,
+                                       initargs=(1,)) if n > 1 else None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def _grads(self, replica: int, x: torch.Tensor, y: torch.Tensor,
+               batch: int) -> tuple[torch.Tensor, ...]:
+        net = self.replicas[replica]
+        loss = self.loss_fn(net(x), y) / batch
+        return torch.autograd.grad(loss, [p for p in net.parameters() if p.requires_grad])
+
+    def backward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Set the model's ``.grad`` to the gradients of the mean loss of ``(x, y)``."""
+        n = int(x.shape[0])
+        bounds = micro_bounds(n, self.parts)
+        if self.pool is None:
+            grads = [self._grads(0, x[a:b], y[a:b], n) for a, b in bounds]
+        else:
+            with torch.no_grad():  # every replica starts the batch at the model's weights
+                for rep in self.replicas[1:]:
+                    for mine, theirs in zip(rep.state_dict().values(),
+                                            self.model.state_dict().values()):
+                        mine.copy_(theirs)
+            n_rep = len(self.replicas)
+            futures = [self.pool.submit(self._grads, i % n_rep, x[a:b], y[a:b], n)
+                       for i, (a, b) in enumerate(bounds)]
+            grads = [f.result() for f in futures]
+        total = [g.clone() for g in grads[0]]
+        for more in grads[1:]:
+            for t, g in zip(total, more):
+                t.add_(g)
+        for p, g in zip((p for p in self.model.parameters() if p.requires_grad), total):
+            p.grad = g
 
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
