@@ -118,6 +118,7 @@ def warm_actor_throughput(ens, sample_steps: int) -> dict:
     return {"compute_per_s": sample_steps / phases["compute"],
             "job_per_s": sample_steps / res["seconds"], "call_per_s": sample_steps / call,
             "phases": phases, "job_s": res["seconds"], "call_s": call,
+            "threads": res.get("threads", 1),
             "cold": ens.fit_results_[0].get("phases", {})}
 
 
@@ -348,8 +349,9 @@ def run_bench(spec: BenchSpec, out: Path, mlflow_uri: str | None = None,
         warm = max((warm_actor_throughput(ens, n_tp * 2) for _ in range(3)),
                    key=lambda w: w["compute_per_s"])
         actor_tp = warm["compute_per_s"]
-        say(f"[bench] throughput: plain loop {plain:.0f}/s; warm shard actor {actor_tp:.0f}/s "
-            f"computing ({actor_tp / plain:.2f}x), {warm['job_per_s']:.0f}/s for the whole job "
+        say(f"[bench] throughput: plain loop {plain:.0f}/s on {spec.threads} thread(s); warm "
+            f"shard actor {actor_tp:.0f}/s on {warm['threads']} computing "
+            f"({actor_tp / plain:.2f}x), {warm['job_per_s']:.0f}/s for the whole job "
             f"({warm['job_per_s'] / plain:.2f}x), {warm['call_per_s']:.0f}/s with the driver's "
             f"call ({warm['call_per_s'] / plain:.2f}x); per job "
             + ", ".join(f"{k} {v:.2f}s" for k, v in warm["phases"].items()))

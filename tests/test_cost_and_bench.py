@@ -70,6 +70,7 @@ def test_bench_tiny_run(ray_session, tmp_path, capsys):
     # the warm actor's job, phase by phase: the phases are the job's time, no more
     warm = tp["warm_actor"]
     assert set(warm["phases"]) == {"data", "features", "setup", "compute", "checkpoint"}
+    assert warm["threads"] == 2  # --threads 2, as the shard's job ran it
     assert all(v >= 0 for v in warm["phases"].values()) and warm["phases"]["compute"] > 0
     assert sum(warm["phases"].values()) <= warm["job_s"] <= warm["call_s"]
     assert warm["compute_per_s"] >= warm["job_per_s"] >= warm["call_per_s"]

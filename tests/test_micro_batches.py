@@ -46,7 +46,7 @@ def _train(data, training, parallel, n_slices=2):
     with deterministic_torch(training.threads):
         for _ in train_steps(model, opt, data.features, data.labels, data.ids, slice_of,
                              sharding=sharding, training=training, shard=0, start_step=0,
-                             device=torch.device("cpu"), parallel=parallel):
+                             device=torch.device("cpu"), task=data.task, parallel=parallel):
             pass
     return {k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict()
 
@@ -67,6 +67,18 @@ def test_bits_do_not_depend_on_the_threads(tiny, model, optimizer):
     # the micro-batches are what the bits follow: another split is another model
     two, _ = _train(data, TrainingConfig(**{**training.__dict__, "micro_batches": 2}), 2)
     assert states_identical(one, two) != []
+
+
+def test_regression_bits_do_not_depend_on_the_threads():
+    from sisa_ray.datasets import load_diabetes
+
+    data = load_diabetes()[0].take(np.arange(120))
+    training = TrainingConfig(model="mlp", epochs=2, batch_size=16, hidden=16, lr=0.01,
+                              micro_batches=4)
+    one, _ = _train(data, training, parallel=1)
+    assert states_identical(one, _train(data, training, parallel=4)[0]) == []
+    assert states_identical(one, _train(data, TrainingConfig(
+        **{**training.__dict__, "micro_batches": 1}), parallel=1)[0]) != []
 
 
 def test_micro_batches_train_as_well(tiny):
