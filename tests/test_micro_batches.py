@@ -106,6 +106,14 @@ def test_bad_micro_batches_are_refused_by_name():
         TrainingConfig(device="cuda", micro_batches=2)
 
 
+def test_a_model_that_draws_random_numbers_is_refused():
+    from sisa_ray.core.training import MicroBatches
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="with Dropout: its random draws"):
+        MicroBatches(net, "classification", parts=2, parallel=2)
+
+
 def test_existing_stores_keep_their_hash():
     """micro_batches=1 is how every store trained before the option existed."""
     assert SISAConfig().config_hash() == "11f42e5a221dd2bb"
@@ -153,3 +161,6 @@ def test_the_cli_records_micro_batches_and_refuses_a_batch_norm_model(tmp_path, 
                  "--quiet"]) == 0
     meta = json.loads((store / "store.json").read_text())
     assert meta["config"]["training"]["micro_batches"] == 2
+    capsys.readouterr()
+    assert main(["status", "--store", str(store)]) == 0
+    assert "batch 32 in 2 micro-batches" in capsys.readouterr().out

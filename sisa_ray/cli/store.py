@@ -287,7 +287,9 @@ def cmd_status(args) -> int:
         f"{st['n_train_live']} live, {st['deleted_ids']} deleted, {st['dataset']['n_test']} test",
         f"  sharding: {s['n_shards']} shards x {s['n_slices']} slices, seed {s['seed']}",
         f"  training: {t['model']}, {t['epochs']} epochs ({t['epoch_schedule']} schedule), "
-        f"batch {t['batch_size']}, {t['optimizer']} lr {t['lr']}",
+        f"batch {t['batch_size']}"
+        + (f" in {t['micro_batches']} micro-batches" if t.get("micro_batches", 1) > 1 else "")
+        + f", {t['optimizer']} lr {t['lr']}",
         "  shards:",
     ]
     for e in st["shards"]:

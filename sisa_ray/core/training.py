@@ -170,6 +170,10 @@ def train_steps(
             micro.close()
 
 
+_RANDOM_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                  nn.FeatureAlphaDropout)
+
+
 def micro_bounds(n: int, parts: int) -> list[tuple[int, int]]:
     """``[start, stop)`` of the ``min(parts, n)`` contiguous micro-batches of a batch of ``n``:
     sizes differ by at most one, the larger first. A pure function of ``n`` and ``parts``."""
@@ -193,6 +197,12 @@ class MicroBatches:
     replica would update the running ones on its own.)"""
 
     def __init__(self, model: nn.Module, task: str, parts: int, parallel: int) -> None:
+        drawing = [type(m).__name__ for m in model.modules() if isinstance(m, _RANDOM_LAYERS)]
+        if drawing:
+            # threads would draw from torch's one global stream in whatever order they ran
+            raise ValueError(f"micro_batches > 1 cannot train a model with {drawing[0]}: its "
+                             "random draws would depend on the threads' timing. Use "
+                             "micro_batches=1.")
         self.model = model
         self.parts = parts
         self.loss_fn = supervised_loss(task, reduction="sum")
